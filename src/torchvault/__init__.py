@@ -1,0 +1,53 @@
+"""torchvault: save, load, resume and ship PyTorch models safely, fast and exactly.
+
+>>> import torchvault as tv
+>>> tv.save(model, "model.tv")
+>>> report = tv.load_into(model, "model.tv")
+"""
+
+from __future__ import annotations
+
+from ._file import inspect, load, save, verify
+from ._load_into import load_into
+from ._report import (
+    CheckpointInfo,
+    DtypeCast,
+    LoadReport,
+    RenamedKey,
+    ShapeMismatch,
+    TensorInfo,
+    VerifyReport,
+)
+from ._version import __version__
+from .errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    StateDictMismatchError,
+    TorchVaultError,
+    UnsupportedFormatError,
+    UnsupportedTypeError,
+)
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "DtypeCast",
+    "LoadReport",
+    "RenamedKey",
+    "ShapeMismatch",
+    "StateDictMismatchError",
+    "TensorInfo",
+    "TorchVaultError",
+    "UnsupportedFormatError",
+    "UnsupportedTypeError",
+    "VerifyReport",
+    "__version__",
+    "inspect",
+    "load",
+    "load_into",
+    "save",
+    "verify",
+]

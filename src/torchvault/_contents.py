@@ -1,0 +1,176 @@
+"""An opened checkpoint file: its validated header, its tree and tensor table, its checksums.
+
+Plain safetensors files open too: their tree is a flat dict of their tensors and they carry
+no checksums, so only their structure can be verified.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import _dtypes, _format
+from ._tensors import MapLocation, TensorTable
+from ._tree import Json
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+
+TREE, TENSORS, CHECKSUMS = "torchvault.tree", "torchvault.tensors", "torchvault.checksums"
+VERSIONS, CREATED, FORMAT = "torchvault.versions", "torchvault.created", "torchvault.format"
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What a file holds, validated, before any tensor byte is read."""
+
+    path: str
+    header: _format.Header
+    tree: Json
+    entries: list[Any]
+    checksums: dict[str, str]
+    versions: dict[str, str]
+
+    @property
+    def user_metadata(self) -> dict[str, str]:
+        return {
+            k: v for k, v in self.header.metadata.items() if not k.startswith(_format.RESERVED)
+        }
+
+    def table(self, mapping: mmap.mmap | None, map_location: MapLocation = "cpu") -> TensorTable:
+        """The tensor table over ``mapping`` (a private map of the whole file; ``None`` to
+        describe tensors without building them).
+
+        Tensors built on the map keep it alive; it is never closed explicitly, since
+        ``torch.frombuffer`` holds no buffer export that would stop an early close.
+        """
+
+        def blob(entry: _format.Entry) -> torch.Tensor:
+            if mapping is None:
+                raise AssertionError("a table without a mapping only describes tensors")
+            if entry.nbytes == 0:
+                return torch.empty(0, dtype=torch.uint8)
+            return torch.frombuffer(mapping, dtype=torch.uint8, count=entry.nbytes,
+                                    offset=entry.start)  # fmt: skip
+
+        return TensorTable(self.entries, self.header.entries, blob, self.path, map_location)
+
+    def verify_data(self, mapping: mmap.mmap) -> int:
+        """Check every stored tensor against its checksum; return the bytes checked.
+
+        Raises:
+            CorruptCheckpointError: naming the first tensor whose bytes do not match.
+        """
+        view = memoryview(mapping)
+        checked = 0
+        try:
+            for entry in self.header.entries.values():
+                expected = self.checksums.get(entry.name)
+                if expected is None:
+                    continue
+                if _format.hash_bytes(view[entry.start : entry.end]) != expected:
+                    raise CorruptCheckpointError(
+                        f"{self.path}: tensor `{entry.name}` does not match its checksum: its "
+                        f"{entry.nbytes} bytes changed after it was written (bit rot, a bad "
+                        "copy or tampering). Restore the file from a good copy.",
+                        path=self.path,
+                        key=entry.name,
+                    )
+                checked += entry.nbytes
+        finally:
+            view.release()
+        return checked
+
+
+def open_file(path: str | os.PathLike[str]) -> tuple[Contents, mmap.mmap]:
+    """Open, validate and privately map ``path``.
+
+    The map is copy-on-write: tensors built on it can be modified without touching the file.
+    Torchvault only ever replaces files by rename, so a map stays valid while a newer
+    checkpoint is saved to the same path.
+
+    Raises:
+        CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError.
+    """
+    name = os.fspath(path)
+    try:
+        handle = open(name, "rb")  # noqa: SIM115 - closed below; the map outlives it
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {name}: the file does not exist. Check the path.", path=name
+        ) from exc
+    except IsADirectoryError as exc:
+        raise CheckpointNotFoundError(
+            f"{name} is a folder, not a checkpoint file; pass the path of the file inside it.",
+            path=name,
+        ) from exc
+    with handle:
+        header = _format.read_header(handle, name)
+        contents = _parse(header, name)
+        try:
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError as exc:
+            raise CorruptCheckpointError(
+                f"{name}: cannot map the file ({os.strerror(exc.errno or errno.EIO)})", path=name
+            ) from exc
+    return contents, mapping
+
+
+def _parse(header: _format.Header, path: str) -> Contents:
+    if not header.is_torchvault:
+        return _plain_safetensors(header, path)
+    meta = header.metadata
+    tree = _json_member(meta, TREE, path)
+    entries = _json_member(meta, TENSORS, path)
+    checksums = _json_member(meta, CHECKSUMS, path)
+    versions = _json_member(meta, VERSIONS, path)
+    if not isinstance(entries, list):
+        raise _corrupt(path, f"`{TENSORS}` is not an array")
+    if not isinstance(checksums, dict) or checksums.keys() != header.entries.keys() or not all(
+        isinstance(v, str) and len(v) == _format.HASH_HEX for v in checksums.values()
+    ):
+        raise _corrupt(path, f"`{CHECKSUMS}` does not hold one checksum per stored tensor")
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise _corrupt(path, f"`{VERSIONS}` is not a map of strings")
+    return Contents(path, header, tree, entries, checksums, versions)
+
+
+def _plain_safetensors(header: _format.Header, path: str) -> Contents:
+    tree: dict[str, Json] = {}
+    entries: list[Any] = []
+    for name, entry in header.entries.items():
+        dtype = _dtypes.SAFETENSORS_DTYPE.get(entry.dtype)
+        if dtype is None:
+            raise UnsupportedFormatError(
+                f"{path}: tensor `{name}` has dtype {entry.dtype}, which torch "
+                f"{torch.__version__} cannot hold; upgrade torch to load it.",
+                path=path,
+                key=name,
+            )
+        tree[name] = {"tensor": len(entries)}
+        entries.append({"s": name, "dtype": _dtypes.DTYPE_NAMES[dtype], "shape": list(entry.shape)})
+    return Contents(path, header, {"dict": tree}, entries, {}, {})
+
+
+def _json_member(meta: dict[str, str], key: str, path: str) -> Json:
+    text = meta.get(key)
+    if text is None:
+        raise _corrupt(path, f"the torchvault member `{key}` is missing")
+    return _format.strict_json(text.encode("utf-8"), path, key)
+
+
+def _corrupt(path: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: {what}. The file is damaged or was not written by torchvault; restore it "
+        "from a good copy.",
+        path=path,
+    )
+
+
+def dumps(value: Json) -> str:
+    """Compact JSON, as every torchvault member is written."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)

@@ -1,0 +1,205 @@
+"""The one-file API: ``save``, ``load``, ``inspect`` and ``verify``."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from . import _format, _tree
+from ._commit import atomic_file
+from ._contents import (
+    CHECKSUMS,
+    CREATED,
+    FORMAT,
+    TENSORS,
+    TREE,
+    VERSIONS,
+    Contents,
+    dumps,
+    open_file,
+)
+from ._report import CheckpointInfo, TensorInfo, VerifyReport
+from ._tensors import MapLocation, TensorPlan
+from ._version import __version__
+from .errors import UnsupportedTypeError
+
+PathLike = str | os.PathLike[str]
+
+
+def save(obj: object, path: PathLike, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``obj`` to ``path`` atomically, durably and without pickle.
+
+    The file is a valid safetensors file: every tensor is readable with
+    ``safetensors.safe_open``. torchvault's own metadata restores the exact nested structure.
+
+    Args:
+        obj: an ``nn.Module`` (its ``state_dict()`` is saved), a state dict, or any nesting of
+            dict, OrderedDict, list, tuple, str, bytes, bool, None, int, float, complex,
+            torch dtype/device/Size, numpy arrays and scalars, and tensors.
+        path: the destination file. It is replaced atomically: a crash leaves the old file
+            or the new one, never a partial one.
+        metadata: strings to store with the file (keys must not start with ``torchvault.``).
+
+    Raises:
+        UnsupportedTypeError: a value the format cannot hold, naming its path in the tree.
+        CheckpointWriteError: the disk refused the write; the old file is intact.
+
+    Example:
+        >>> tv.save(model, "model.tv", metadata={"run": "exp1"})
+    """
+    state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+    plan = TensorPlan()
+    tree = _tree.encode(state, plan.add)
+    blobs = plan.finish()
+    members = _members(tree, plan, blobs, metadata)
+    placeholder = _format.build_header(blobs, members)
+    with atomic_file(path) as handle:
+        handle.seek(8 + len(placeholder))
+        checksums = _format.write_blobs(handle, blobs)
+        members[CHECKSUMS] = dumps(checksums)  # type: ignore[arg-type]
+        sealed = _format.seal_header(_format.build_header(blobs, members))
+        if len(sealed) != 8 + len(placeholder):
+            raise AssertionError("the header changed length while saving")
+        handle.seek(0)
+        handle.write(sealed)
+
+
+def _members(
+    tree: _tree.Json, plan: TensorPlan, blobs: list[_format.Blob], user: Mapping[str, str] | None
+) -> dict[str, str]:
+    members = {
+        _format.INTEGRITY: _format.PLACEHOLDER,
+        FORMAT: str(_format.FORMAT_VERSION),
+        TREE: dumps(tree),
+        TENSORS: dumps(plan.entries),  # type: ignore[arg-type]
+        CHECKSUMS: dumps({blob.name: _format.PLACEHOLDER for blob in blobs}),
+        VERSIONS: dumps(versions()),  # type: ignore[arg-type]
+        CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for key, value in (user or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UnsupportedTypeError(
+                f"metadata must map str to str; got {key!r}: {type(value).__name__}. "
+                "Convert values with str() or json.dumps().",
+                key=str(key),
+            )
+        if key.startswith(_format.RESERVED) or key == _format.META:
+            raise ValueError(f"metadata key {key!r} is reserved for torchvault; rename it.")
+        members[key] = value
+    return members
+
+
+def versions() -> dict[str, str]:
+    """The versions recorded in every file torchvault writes."""
+    return {
+        "torchvault": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+
+
+def load(
+    path: PathLike, *, map_location: MapLocation = "cpu", lazy: bool = False, verify: bool = True
+) -> object:
+    """Load what :func:`save` saved, exactly: same types, structure, dtypes and sharing.
+
+    Tensors are backed by a private, copy-on-write map of the file: loading costs no copy,
+    and changing a loaded tensor never changes the file.
+
+    Args:
+        path: a torchvault file, or any safetensors file (loaded as a dict of tensors).
+        map_location: where tensors go: a device (``"cpu"``, ``"cuda:0"``), ``None`` for the
+            device each tensor was saved from, or a dict from saved device to target device.
+        lazy: map the file and read no tensor byte until a tensor is used.
+        verify: check every tensor's checksum before returning (with ``lazy=False``). The
+            header is always checked. With ``lazy=True`` data checksums are not read: use
+            ``tv.verify(path)`` for that.
+
+    Raises:
+        CheckpointNotFoundError: no file at ``path``.
+        CorruptCheckpointError: the file is malformed, truncated or fails a checksum; the
+            message names the tensor.
+        UnsupportedFormatError: the file was written by a newer torchvault.
+
+    Example:
+        >>> state = tv.load("model.tv")
+        >>> model.load_state_dict(state)
+    """
+    contents, mapping = open_file(path)
+    if verify and not lazy:
+        contents.verify_data(mapping)
+    table = contents.table(mapping, map_location)
+    return _tree.decode(contents.tree, table.get)
+
+
+def inspect(path: PathLike) -> CheckpointInfo:
+    """Describe a checkpoint's tensors, metadata and versions without reading tensor data.
+
+    Example:
+        >>> info = tv.inspect("model.tv")
+        >>> [(t.key, t.dtype, t.shape) for t in info.tensors]
+    """
+    contents, _ = open_file(path)
+    tensors = _tensor_infos(contents)
+    meta = contents.header.metadata
+    torchvault = contents.header.is_torchvault
+    return CheckpointInfo(
+        path=contents.path,
+        format="torchvault" if torchvault else "safetensors",
+        format_version=int(meta[FORMAT]) if torchvault else None,
+        tensors=tensors,
+        file_bytes=contents.header.file_size,
+        metadata=contents.user_metadata,
+        versions=contents.versions,
+        created=meta.get(CREATED),
+    )
+
+
+def _tensor_infos(contents: Contents) -> tuple[TensorInfo, ...]:
+    table = contents.table(None)
+    tree = _tree.decode(contents.tree, _Ref)
+    infos = []
+    for key, leaf in _tree.flatten(tree):
+        if isinstance(leaf, _Ref):
+            dtype, shape, _ = table.describe(leaf.index)
+            nbytes = dtype.itemsize
+            for n in shape:
+                nbytes *= n
+            infos.append(TensorInfo(key, str(dtype).removeprefix("torch."), shape, nbytes))
+    return tuple(infos)
+
+
+class _Ref:
+    """A tensor leaf that ``inspect`` describes without building it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def verify(path: PathLike) -> VerifyReport:
+    """Check a file completely: header, tree, tensor table and every tensor's checksum.
+
+    Plain safetensors files carry no checksums: their structure is checked.
+
+    Raises:
+        CorruptCheckpointError: naming the tensor or the part of the file that is damaged.
+
+    Example:
+        >>> tv.verify("model.tv").checked_bytes
+    """
+    contents, mapping = open_file(path)
+    checked = contents.verify_data(mapping)
+    if not contents.checksums:
+        checked = sum(e.nbytes for e in contents.header.entries.values())
+    table = contents.table(mapping)
+    for index in range(len(table)):
+        table.get(index)  # builds every view: checks its dtype, shape, stride and bounds
+    tree = _tree.decode(contents.tree, table.get)
+    tensors = sum(1 for _, leaf in _tree.flatten(tree) if isinstance(leaf, torch.Tensor | np.ndarray))
+    return VerifyReport(contents.path, tensors, checked, bool(contents.checksums))

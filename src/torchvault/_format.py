@@ -1,0 +1,335 @@
+"""The single-file container: a valid safetensors file with torchvault metadata.
+
+Layout (all of it safetensors)::
+
+    u64 little-endian N | N bytes of JSON header, space-padded | tensor bytes, no gaps
+
+The header's first member is ``__metadata__`` and its first member is
+``torchvault.integrity``: the xxh3-128 of the length prefix and of every header byte after
+that value. The other ``torchvault.*`` members carry the object tree, the tensor table,
+a checksum per stored tensor, versions and the creation time; user metadata sits beside
+them. Plain safetensors files (without these members) are read too.
+
+The reader trusts nothing: it checks the header length against a cap and the file size,
+counts JSON containers before parsing, parses strictly (no duplicate keys, no NaN, no
+over-long numbers), and checks every dtype, shape, byte size and offset (contiguous from 0,
+no gaps, no overlap, no trailing bytes) before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+import xxhash
+
+from ._dtypes import SAFETENSORS_ITEMSIZE
+from .errors import CorruptCheckpointError, UnsupportedFormatError
+
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 100_000_000
+MAX_CONTAINERS = 4_000_000  # JSON objects + arrays in a header; each costs ~100 B to parse
+MAX_TENSORS = 1_000_000
+MAX_DIMS = 64
+DATA_ALIGNMENT = 64
+CHUNK = 16 << 20
+
+META = "__metadata__"
+INTEGRITY = "torchvault.integrity"
+PREFIX = b'{"' + META.encode() + b'":{"' + INTEGRITY.encode() + b'":"'
+HASH_HEX = 32
+PLACEHOLDER = "0" * HASH_HEX
+RESERVED = "torchvault."
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the safetensors header, with absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: the tensors in file order and the ``__metadata__`` strings."""
+
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+    file_size: int
+
+    @property
+    def is_torchvault(self) -> bool:
+        return INTEGRITY in self.metadata
+
+
+def hash_bytes(data: Any) -> str:
+    """The checksum torchvault stores: xxh3-128 as 32 lowercase hex digits."""
+    return xxhash.xxh3_128_hexdigest(data)  # type: ignore[no-any-return]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_header(handle: BinaryIO, path: str) -> Header:
+    """Read and fully validate the header of the open file ``handle``.
+
+    Raises:
+        CorruptCheckpointError: anything about the header or the layout is wrong.
+        UnsupportedFormatError: a torchvault format version newer than this reader.
+    """
+    size = os.fstat(handle.fileno()).st_size
+    if size < 8:
+        raise _corrupt(path, f"the file is {size} bytes, shorter than the 8-byte length prefix")
+    prefix = os.pread(handle.fileno(), 8, 0)
+    (length,) = struct.unpack("<Q", prefix)
+    if length < 2 or length > MAX_HEADER_BYTES:
+        raise _corrupt(path, f"the header length field says {length} bytes (allowed: 2 to "
+                             f"{MAX_HEADER_BYTES}); this is not a safetensors or torchvault file")  # fmt: skip
+    if 8 + length > size:
+        raise _corrupt(path, f"the header needs {length} bytes but the file has {size - 8} after "
+                             "the length prefix; the file is truncated")  # fmt: skip
+    raw = os.pread(handle.fileno(), length, 8)
+    if len(raw) != length:
+        raise _corrupt(path, "the file shrank while it was being read")
+    parsed = _parse_json(raw, path)
+    metadata = _metadata(parsed.pop(META, {}), path)
+    _check_integrity(prefix, raw, metadata, path)
+    entries = _entries(parsed, path)
+    _check_layout(entries, 8 + length, size, path)
+    return Header(entries=entries, metadata=metadata, file_size=size)
+
+
+def _parse_json(raw: bytes, path: str) -> dict[str, Any]:
+    if raw[:1] != b"{":
+        raise _corrupt(path, "the header is not a JSON object")
+    parsed = strict_json(raw, path, "the header")
+    if not isinstance(parsed, dict):
+        raise _corrupt(path, "the header is not a JSON object")
+    return parsed
+
+
+def strict_json(raw: bytes, path: str, what: str) -> Any:
+    """Parse untrusted JSON: bounded container count, no duplicate keys, no NaN/Infinity,
+    no over-long numbers."""
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_CONTAINERS:
+        raise _corrupt(path, f"{what} holds {containers} JSON containers (cap "
+                             f"{MAX_CONTAINERS}); refusing to parse it")  # fmt: skip
+    try:
+        return json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_reject_constant,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _corrupt(path, f"{what} is not valid strict JSON ({_short(exc)})") from exc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r}")
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 21:
+        raise ValueError(f"an integer literal of {len(text)} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or len(text) > 40:
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _metadata(node: Any, path: str) -> dict[str, str]:
+    if not isinstance(node, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in node.items()
+    ):
+        raise _corrupt(path, f"`{META}` is not a map of strings to strings")
+    return node
+
+
+def _check_integrity(prefix: bytes, raw: bytes, metadata: dict[str, str], path: str) -> None:
+    if not raw.startswith(PREFIX):
+        stray = [k for k in metadata if k.startswith(RESERVED)]
+        if stray:
+            raise _corrupt(path, f"it has torchvault metadata ({stray[0]!r}) but no header "
+                                 "checksum in its place; the header is damaged")  # fmt: skip
+        return
+    cut = len(PREFIX) + HASH_HEX
+    stored = raw[len(PREFIX) : cut].decode("ascii", "replace")
+    if raw[cut : cut + 1] != b'"' or hash_bytes(prefix + raw[cut:]) != stored:
+        raise _corrupt(path, "the header checksum does not match its bytes; the header is "
+                             "damaged (bit rot, a bad copy or tampering)")  # fmt: skip
+    version = metadata.get("torchvault.format", "")
+    if not version.isdigit() or len(version) > 6:
+        raise _corrupt(path, f"the format version {version!r} is not a number")
+    if int(version) > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{path} uses torchvault format {version}, newer than this torchvault reads "
+            f"({FORMAT_VERSION}); upgrade with `pip install -U torchvault`.",
+            path=path,
+        )
+
+
+def _entries(parsed: dict[str, Any], path: str) -> dict[str, Entry]:
+    if len(parsed) > MAX_TENSORS:
+        raise _corrupt(path, f"the header lists {len(parsed)} tensors (cap {MAX_TENSORS})")
+    entries = {}
+    for name, spec in parsed.items():
+        entries[name] = _entry(name, spec, path)
+    return entries
+
+
+def _entry(name: str, spec: Any, path: str) -> Entry:
+    if not isinstance(spec, dict) or spec.keys() != {"dtype", "shape", "data_offsets"}:
+        raise _corrupt(path, "it needs exactly dtype, shape and data_offsets", key=name)
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    itemsize = SAFETENSORS_ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+    if itemsize is None:
+        raise _corrupt(path, f"its dtype {str(dtype)[:20]!r} is not a known dtype", key=name)
+    if not _int_list(shape, MAX_DIMS):
+        raise _corrupt(path, f"its shape is not a list of at most {MAX_DIMS} sizes", key=name)
+    if not _int_list(offsets, 2) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise _corrupt(path, "its data_offsets are not an ordered [begin, end] pair", key=name)
+    if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+        raise _corrupt(path, f"shape {shape} of {dtype} needs {math.prod(shape) * itemsize} "
+                             f"bytes but its offsets span {offsets[1] - offsets[0]}", key=name)  # fmt: skip
+    return Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _int_list(value: Any, cap: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= cap
+        and all(type(v) is int and v >= 0 for v in value)
+    )
+
+
+def _check_layout(entries: dict[str, Entry], data_start: int, size: int, path: str) -> None:
+    cursor = 0
+    for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if entry.start != cursor:
+            what = "overlaps the tensor before it" if entry.start < cursor else "leaves a gap"
+            raise _corrupt(path, f"its bytes start at {entry.start} and {what} (expected "
+                                 f"{cursor}); offsets must be contiguous", key=entry.name)  # fmt: skip
+        cursor = entry.end
+    if data_start + cursor != size:
+        raise _corrupt(path, f"the tensors need {data_start + cursor} bytes but the file has "
+                             f"{size}; the file is {'truncated' if size < data_start + cursor else 'padded with trailing bytes'}")  # fmt: skip
+    for name, entry in list(entries.items()):
+        entries[name] = Entry(name, entry.dtype, entry.shape, entry.start + data_start,
+                              entry.end + data_start)  # fmt: skip
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:120] or type(exc).__name__
+
+
+def _corrupt(path: str, what: str, key: str | None = None) -> CorruptCheckpointError:
+    where = f" tensor `{key}`:" if key else ""
+    return CorruptCheckpointError(
+        f"{path}:{where} {what}. The file is damaged or not a checkpoint; restore it from a "
+        "good copy (`torchvault verify` checks a file).",
+        path=path,
+        key=key,
+    )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class Blob:
+    """One tensor to write: its safetensors entry and the tensor its bytes come from.
+
+    ``source`` may be on any device and need not be contiguous: it is made contiguous and
+    copied to the CPU only while it is written, so a save holds at most one such copy.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel() * self.source.element_size()
+
+
+def build_header(blobs: list[Blob], metadata: dict[str, str]) -> bytes:
+    """Serialize the header, space-padded so that tensor data starts on a 64-byte boundary.
+
+    ``metadata`` must start with ``torchvault.integrity``; its value is filled in by
+    :func:`seal_header` once the header is final.
+    """
+    header: dict[str, Any] = {META: metadata}
+    offset = 0
+    for blob in blobs:
+        header[blob.name] = {
+            "dtype": blob.dtype,
+            "shape": list(blob.shape),
+            "data_offsets": [offset, offset + blob.nbytes],
+        }
+        offset += blob.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    pad = -(8 + len(raw)) % DATA_ALIGNMENT
+    return raw + b" " * pad
+
+
+def seal_header(raw: bytes) -> bytes:
+    """Return length prefix + header with the integrity checksum filled in."""
+    prefix = struct.pack("<Q", len(raw))
+    cut = len(PREFIX) + HASH_HEX
+    assert raw.startswith(PREFIX) and raw[len(PREFIX) : cut] == PLACEHOLDER.encode()
+    digest = hash_bytes(prefix + raw[cut:]).encode("ascii")
+    return prefix + raw[: len(PREFIX)] + digest + raw[cut:]
+
+
+def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> dict[str, str]:
+    """Stream every blob's bytes to ``handle`` (no whole-file buffer); return their checksums."""
+    sums = {}
+    for blob in blobs:
+        hasher = xxhash.xxh3_128()
+        for piece in _chunks(blob.source):
+            hasher.update(piece)
+            handle.write(piece)
+        sums[blob.name] = hasher.hexdigest()
+    return sums
+
+
+def _chunks(source: torch.Tensor) -> Iterator[memoryview]:
+    flat = source.detach().contiguous().reshape(-1).view(torch.uint8)
+    if flat.device.type == "cpu":
+        view = memoryview(flat.numpy())
+        for start in range(0, len(view), CHUNK):
+            yield view[start : start + CHUNK]
+        return
+    for start in range(0, flat.numel(), CHUNK):
+        yield memoryview(flat[start : start + CHUNK].to("cpu").numpy())

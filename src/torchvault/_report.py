@@ -1,0 +1,129 @@
+"""What torchvault's operations report back: frozen dataclasses, printable as tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint, as ``inspect`` sees it (no data read)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint file holds: returned by :func:`torchvault.inspect`.
+
+    Attributes:
+        path: the file.
+        format: ``"torchvault"`` or ``"safetensors"`` (a plain safetensors file).
+        format_version: the torchvault format version, ``None`` for plain safetensors.
+        tensors: every tensor of the saved tree, keyed by its dotted path.
+        file_bytes: the size of the file.
+        metadata: the user metadata given to ``save``.
+        versions: torch, torchvault, Python and numpy versions of the writer.
+        created: ISO-8601 UTC time of the save, when recorded.
+    """
+
+    path: str
+    format: str
+    format_version: int | None
+    tensors: tuple[TensorInfo, ...]
+    file_bytes: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    created: str | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(t.key for t in self.tensors)
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of tensor data (views of a shared tensor count each time)."""
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of :func:`torchvault.verify` on a file that passed."""
+
+    path: str
+    tensors: int
+    checked_bytes: int
+    checksummed: bool
+
+    def __str__(self) -> str:
+        how = "checksums match" if self.checksummed else "structure valid (no checksums)"
+        return f"{self.path}: OK, {self.tensors} tensors, {self.checked_bytes} bytes, {how}"
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    """A key present in both, with different shapes."""
+
+    key: str
+    file_shape: tuple[int, ...]
+    model_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DtypeCast:
+    """A key loaded with a cast from the file's dtype to the model's."""
+
+    key: str
+    file_dtype: str
+    model_dtype: str
+
+
+@dataclass(frozen=True)
+class RenamedKey:
+    """A source key matched to a model key under another name, and why."""
+
+    source: str
+    target: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """Every difference :func:`torchvault.load_into` found between a state dict and a model.
+
+    Attributes:
+        loaded: model keys that received values.
+        missing: model keys the source has no value for.
+        unexpected: source keys the model has no place for.
+        mismatched: keys present in both with different shapes (not loaded).
+        casts: keys loaded with a dtype conversion.
+        renamed: source keys matched under another name (DDP ``module.``, torch.compile
+            ``_orig_mod.``, or a ``rename`` rule).
+    """
+
+    loaded: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[ShapeMismatch, ...] = ()
+    casts: tuple[DtypeCast, ...] = ()
+    renamed: tuple[RenamedKey, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when every model key was loaded and every source key used."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} keys"]
+        lines += [f"  missing in source: {k}" for k in self.missing]
+        lines += [f"  unexpected in source: {k}" for k in self.unexpected]
+        lines += [
+            f"  shape mismatch: {m.key}: file {list(m.file_shape)} vs model {list(m.model_shape)}"
+            for m in self.mismatched
+        ]
+        lines += [f"  cast: {c.key}: {c.file_dtype} -> {c.model_dtype}" for c in self.casts]
+        lines += [f"  renamed: {r.source} -> {r.target} ({r.reason})" for r in self.renamed]
+        return "\n".join(lines)

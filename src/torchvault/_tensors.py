@@ -1,0 +1,330 @@
+"""The tensor table: which stored bytes each tensor of the tree is, and how to rebuild it.
+
+Saving groups tensors by the storage they live in. A tensor alone in its storage is stored
+as itself (contiguous, under its tree path, with its own dtype when safetensors knows it).
+Tensors sharing a storage (tied weights, views of one buffer) are stored once: under the
+member that covers all the others when there is one, else as the raw bytes of the span they
+cover; the others become views (dtype, shape, stride, byte offset) into it. Loading builds
+each stored blob once, so views come back sharing storage, as they were saved.
+
+Table entries are JSON objects::
+
+    {"s": blob name, "dtype": "float32", "shape": [2, 3],
+     "stride": [3, 1], "offset": 24,        # only for views into a shared blob (bytes)
+     "param": true, "grad": true,           # nn.Parameter / requires_grad
+     "device": "cuda:0",                    # saved-from device when not the CPU
+     "np": "<f4"}                           # a numpy array, with its dtype
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _dtypes
+from ._format import META, Blob, Entry
+from .errors import CorruptCheckpointError, UnsupportedTypeError
+
+MapLocation = str | torch.device | Mapping[str, str] | None
+_ALIGN = 16  # bytes a shared span is rounded down to, so every view offset stays aligned
+_DEVICE_RE = re.compile(r"[a-z_]{1,32}(:[0-9]{1,6})?")
+_NP_RE = re.compile(r"[<>|=][a-z][0-9]{1,2}")
+_ENTRY_KEYS = {"s", "dtype", "shape", "stride", "offset", "param", "grad", "device", "np"}
+
+
+@dataclass
+class _Member:
+    index: int
+    path: str
+    tensor: torch.Tensor
+    start: int = 0  # byte range inside its storage
+    end: int = 0
+
+
+@dataclass
+class TensorPlan:
+    """Collects the tensors met while encoding a tree (``add`` is the tree's TensorSink)."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    _members: list[_Member] = field(default_factory=list)
+    _memo: dict[int, int] = field(default_factory=dict)
+    _keep: list[object] = field(default_factory=list)
+
+    def add(self, value: torch.Tensor | np.ndarray[Any, Any], path: str) -> int:
+        """Register a tensor or array; the same object twice gets the same index."""
+        known = self._memo.get(id(value))
+        if known is not None:
+            return known
+        self._keep.append(value)  # keeps id(value) unique while the plan lives
+        if isinstance(value, np.ndarray):
+            tensor, entry = _from_numpy(value, path)
+        else:
+            tensor, entry = value.detach(), _tensor_entry(value, path)
+        index = len(self.entries)
+        self.entries.append(entry)
+        self._members.append(_Member(index, path, tensor))
+        self._memo[id(value)] = index
+        return index
+
+    def finish(self) -> list[Blob]:
+        """Decide what is stored: fill in each entry's blob and return the blobs to write,
+        ordered by alignment so every tensor in the file starts on a multiple of its
+        element size."""
+        names: set[str] = set()
+        blobs: list[tuple[int, Blob]] = []
+        for group in _group_by_storage(self._members):
+            blobs.append(self._store_group(group, names))
+        blobs.sort(key=lambda pair: -pair[0])
+        return [blob for _, blob in blobs]
+
+    def _store_group(self, group: list[_Member], names: set[str]) -> tuple[int, Blob]:
+        first = group[0]
+        name = _unique_name(first.path, names)
+        align = max(m.tensor.element_size() for m in group)
+        if len(group) == 1:
+            tensor = first.tensor
+            self.entries[first.index]["s"] = name
+            stored = _dtypes.SAFETENSORS_NAME.get(tensor.dtype)
+            if stored is None:
+                return align, Blob(name, "U8", (tensor.numel() * tensor.element_size(),), tensor)
+            return align, Blob(name, stored, tuple(tensor.shape), tensor)
+        base, lo, hi = _cover(group)
+        if base is None:
+            lo -= lo % _ALIGN
+            storage = first.tensor.untyped_storage()
+            span = torch.empty(0, dtype=torch.uint8, device=first.tensor.device)
+            span.set_(storage, lo, (hi - lo,), (1,))
+            blob = Blob(name + "#storage", "U8", (hi - lo,), span)
+            names.add(blob.name)
+        else:
+            blob = Blob(name, _dtypes.SAFETENSORS_NAME[base.dtype], tuple(base.shape), base)
+        for member in group:
+            entry = self.entries[member.index]
+            entry["s"] = blob.name
+            if member.tensor is not base:
+                entry["stride"] = list(member.tensor.stride())
+                entry["offset"] = member.start - lo
+        return align, blob
+
+
+def _tensor_entry(tensor: torch.Tensor, path: str) -> dict[str, Any]:
+    problem = None
+    if tensor.layout != torch.strided:
+        problem = f"a {tensor.layout} tensor; convert it with `.to_dense()` first"
+    elif tensor.device.type == "meta":
+        problem = "a meta tensor, which has no data; materialize it before saving"
+    elif tensor.dtype not in _dtypes.STORABLE.values():
+        problem = f"a {tensor.dtype} tensor; call `.dequantize()` or `.int_repr()` first"
+    if problem:
+        raise UnsupportedTypeError(f"`{path or 'the object'}` is {problem}.", key=path)
+    entry: dict[str, Any] = {
+        "dtype": _dtypes.DTYPE_NAMES[tensor.dtype],
+        "shape": list(tensor.shape),
+    }
+    if isinstance(tensor, torch.nn.Parameter):
+        entry["param"] = True
+    if tensor.requires_grad:
+        entry["grad"] = True
+    if tensor.device.type != "cpu":
+        entry["device"] = str(tensor.device)
+    return entry
+
+
+def _from_numpy(array: np.ndarray[Any, Any], path: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    little = array.dtype.newbyteorder("<")
+    if array.dtype.hasobject or little.str not in _dtypes.NUMPY_DTYPES:
+        raise UnsupportedTypeError(
+            f"`{path or 'the object'}` is a numpy array of dtype {array.dtype}; only bool, "
+            "integer, float and complex arrays are stored. Convert it with `.astype(...)`.",
+            key=path,
+        )
+    data = np.ascontiguousarray(array, dtype=little)
+    tensor = torch.from_numpy(data if data.flags.writeable else data.copy())
+    return tensor, {
+        "dtype": _dtypes.DTYPE_NAMES[tensor.dtype],
+        "shape": list(tensor.shape),
+        "np": array.dtype.str,
+    }
+
+
+def _group_by_storage(members: list[_Member]) -> list[list[_Member]]:
+    groups: dict[object, list[_Member]] = {}
+    for member in members:
+        tensor = member.tensor
+        size = tensor.element_size()
+        if tensor.numel() == 0:
+            groups[("empty", member.index)] = [member]
+            continue
+        extent = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+        member.start = tensor.storage_offset() * size
+        member.end = member.start + (extent + 1) * size
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        groups.setdefault(key, []).append(member)
+    return list(groups.values())
+
+
+def _cover(group: list[_Member]) -> tuple[torch.Tensor | None, int, int]:
+    """The member whose bytes cover the whole group, if one can be stored natively."""
+    lo = min(m.start for m in group)
+    hi = max(m.end for m in group)
+    for member in group:
+        tensor = member.tensor
+        if (
+            member.start == lo
+            and member.end == hi
+            and tensor.is_contiguous()
+            and tensor.dtype in _dtypes.SAFETENSORS_NAME
+            and all((m.start - lo) % m.tensor.element_size() == 0 for m in group)
+        ):
+            return tensor, lo, hi
+    return None, lo, hi
+
+
+def _unique_name(path: str, names: set[str]) -> str:
+    name = path or "tensor"
+    if name == META or name in names:
+        name = next(f"{name}#{n}" for n in range(2, len(names) + 3) if f"{name}#{n}" not in names)
+    names.add(name)
+    return name
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class TensorTable:
+    """Rebuilds tensor ``index`` of a file on demand; the tree decoder's TensorSource.
+
+    Every field of an entry is checked against the validated header before a tensor is
+    built, so a wrong stride, offset or dtype becomes an error, never an out-of-bounds view.
+    """
+
+    def __init__(
+        self,
+        entries: list[Any],
+        header: Mapping[str, Entry],
+        mapping: Callable[[Entry], torch.Tensor],
+        path: str,
+        map_location: MapLocation = "cpu",
+    ) -> None:
+        self._entries = entries
+        self._header = header
+        self._mapping = mapping
+        self._path = path
+        self._map_location = map_location
+        self._bases: dict[tuple[str, str], torch.Tensor] = {}
+        self._built: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, index: int) -> object:
+        """The tensor (or numpy array) of entry ``index``; the same object on every call."""
+        built = self._built.get(index)
+        if built is None:
+            if not 0 <= index < len(self._entries):
+                raise self._corrupt(index, "is referenced by the tree but not in the table")
+            built = self._build(index, self._entries[index])
+            self._built[index] = built
+        return built
+
+    def describe(self, index: int) -> tuple[torch.dtype, tuple[int, ...], Entry]:
+        """The dtype, shape and blob of entry ``index``, validated, without reading data."""
+        entry = self._entries[index] if 0 <= index < len(self._entries) else None
+        if not isinstance(entry, dict) or not entry.keys() <= _ENTRY_KEYS:
+            raise self._corrupt(index, "is not a valid table entry")
+        blob = self._header.get(entry.get("s"))  # type: ignore[arg-type]
+        dtype = _dtypes.STORABLE.get(entry.get("dtype"))  # type: ignore[arg-type]
+        shape = entry.get("shape")
+        if blob is None or dtype is None or not _dims(shape):
+            raise self._corrupt(index, "names an unknown blob, dtype or shape")
+        return dtype, tuple(shape), blob
+
+    def _build(self, index: int, entry: dict[str, Any]) -> object:
+        dtype, shape, blob = self.describe(index)
+        device = self._target(entry.get("device", "cpu"), index)
+        base = self._base(blob, device)
+        if "stride" in entry or "offset" in entry:
+            tensor = self._view(index, entry, base, dtype, shape)
+        elif math.prod(shape) * dtype.itemsize != blob.nbytes:
+            raise self._corrupt(index, f"has shape {list(shape)} of {dtype}, which does not "
+                                       f"fill its {blob.nbytes} stored bytes")  # fmt: skip
+        else:
+            tensor = base.view(dtype).reshape(shape)
+        return self._finish(index, entry, tensor)
+
+    def _base(self, blob: Entry, device: torch.device) -> torch.Tensor:
+        key = (blob.name, str(device))
+        base = self._bases.get(key)
+        if base is None:
+            base = self._mapping(blob)
+            if device.type != "cpu":
+                base = base.to(device)
+            self._bases[key] = base
+        return base
+
+    def _view(
+        self, index: int, entry: dict[str, Any], base: torch.Tensor, dtype: torch.dtype,
+        shape: tuple[int, ...],
+    ) -> torch.Tensor:  # fmt: skip
+        stride, offset, size = entry.get("stride"), entry.get("offset"), dtype.itemsize
+        if not _dims(stride) or len(stride) != len(shape) or type(offset) is not int:
+            raise self._corrupt(index, "has a malformed stride or offset")
+        numel = math.prod(shape)
+        extent = 0 if numel == 0 else sum((n - 1) * s for n, s in zip(shape, stride)) + 1
+        if offset < 0 or offset % size or offset + extent * size > base.numel():
+            raise self._corrupt(index, f"is a view at byte {offset} reaching past its "
+                                       f"{base.numel()}-byte blob")  # fmt: skip
+        view = torch.empty(0, dtype=dtype, device=base.device)
+        return view.set_(base.untyped_storage(), offset // size, shape, stride)
+
+    def _finish(self, index: int, entry: dict[str, Any], tensor: torch.Tensor) -> object:
+        np_dtype = entry.get("np")
+        if np_dtype is not None:
+            return self._numpy(index, np_dtype, tensor)
+        grad = entry.get("grad", False) is True
+        try:
+            if entry.get("param", False) is True:
+                return torch.nn.Parameter(tensor, requires_grad=grad)
+            return tensor.requires_grad_(True) if grad else tensor
+        except RuntimeError as exc:
+            raise self._corrupt(index, f"asks for gradients on a {tensor.dtype} tensor") from exc
+
+    def _numpy(self, index: int, name: object, tensor: torch.Tensor) -> object:
+        if not isinstance(name, str) or not _NP_RE.fullmatch(name):
+            raise self._corrupt(index, "has a malformed numpy dtype")
+        wanted = np.dtype(name)
+        if _dtypes.NUMPY_DTYPES.get(wanted.newbyteorder("<").str) is None or tensor.device.type != "cpu":
+            raise self._corrupt(index, f"has numpy dtype {name!r}, which torchvault never writes")
+        array = tensor.numpy()
+        if array.dtype.newbyteorder("<") != wanted.newbyteorder("<"):
+            raise self._corrupt(index, f"stores {tensor.dtype} bytes for a {name} array")
+        return array if array.dtype == wanted else array.astype(wanted)
+
+    def _target(self, saved: object, index: int) -> torch.device:
+        if not isinstance(saved, str) or not _DEVICE_RE.fullmatch(saved):
+            raise self._corrupt(index, "has a malformed device")
+        where = self._map_location
+        if isinstance(where, Mapping):
+            where = where.get(saved, saved)
+        return torch.device(saved if where is None else where)
+
+    def _corrupt(self, index: int, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self._path}: tensor table entry {index} {what}. The file is damaged or was not "
+            "written by torchvault; restore it from a good copy.",
+            path=self._path,
+        )
+
+
+def _dims(value: object) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) <= 64
+        and all(type(v) is int and 0 <= v < 2**62 for v in value)
+    )

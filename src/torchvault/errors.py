@@ -1,0 +1,87 @@
+"""Every exception torchvault raises.
+
+One tree, rooted at :class:`TorchVaultError`; each leaf also inherits the builtin a caller
+would already catch for that kind of failure::
+
+    TorchVaultError(Exception)
+    ├── CheckpointNotFoundError(FileNotFoundError)   no file or folder at the path
+    ├── CorruptCheckpointError(ValueError)           malformed, truncated or checksum mismatch
+    ├── UnsupportedFormatError(ValueError)           written by a newer torchvault, or not ours
+    ├── UnsupportedTypeError(TypeError)              a value the format cannot hold
+    ├── StateDictMismatchError(RuntimeError)         load_into found keys or shapes that differ
+    └── CheckpointWriteError(OSError)                the disk refused a write (ENOSPC, EIO, ...)
+
+Every message says what happened, to which file and key, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "StateDictMismatchError",
+    "TorchVaultError",
+    "UnsupportedFormatError",
+    "UnsupportedTypeError",
+]
+
+
+class TorchVaultError(Exception):
+    """Base class of every torchvault error.
+
+    Attributes:
+        path: the file concerned, when there is one.
+        key: the tensor or tree path concerned, when there is one.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | os.PathLike[str] | None = None, key: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+        self.key = key
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class CheckpointNotFoundError(TorchVaultError, FileNotFoundError):
+    """There is no checkpoint at the given path."""
+
+
+class CorruptCheckpointError(TorchVaultError, ValueError):
+    """The file is malformed, truncated, or its bytes do not match their checksums."""
+
+
+class UnsupportedFormatError(TorchVaultError, ValueError):
+    """The file is not a format this version of torchvault reads (too new, or foreign)."""
+
+
+class UnsupportedTypeError(TorchVaultError, TypeError):
+    """A value in the saved object has a type the pickle-free format cannot represent."""
+
+
+class StateDictMismatchError(TorchVaultError, RuntimeError):
+    """``load_into`` found missing, unexpected or mismatched keys with ``strict=True``.
+
+    Attributes:
+        report: the :class:`torchvault.LoadReport` describing every difference.
+    """
+
+    def __init__(self, message: str, *, report: object, path: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.report = report
+
+
+class CheckpointWriteError(TorchVaultError, OSError):
+    """Writing a checkpoint failed; nothing was committed and the previous file is intact."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str], errno: int | None) -> None:
+        TorchVaultError.__init__(self, message, path=path)
+        self.errno = errno
+        self.strerror = message
+        self.filename = self.path
