@@ -11,7 +11,7 @@ import json
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -37,9 +37,7 @@ class Contents:
 
     @property
     def user_metadata(self) -> dict[str, str]:
-        return {
-            k: v for k, v in self.header.metadata.items() if not k.startswith(_format.RESERVED)
-        }
+        return {k: v for k, v in self.header.metadata.items() if not k.startswith(_format.RESERVED)}
 
     def table(self, mapping: mmap.mmap | None, map_location: MapLocation = "cpu") -> TensorTable:
         """The tensor table over ``mapping`` (a private map of the whole file; ``None`` to
@@ -54,8 +52,9 @@ class Contents:
                 raise AssertionError("a table without a mapping only describes tensors")
             if entry.nbytes == 0:
                 return torch.empty(0, dtype=torch.uint8)
-            return torch.frombuffer(mapping, dtype=torch.uint8, count=entry.nbytes,
-                                    offset=entry.start)  # fmt: skip
+            return torch.frombuffer(
+                mapping, dtype=torch.uint8, count=entry.nbytes, offset=entry.start
+            )
 
         return TensorTable(self.entries, self.header.entries, blob, self.path, map_location)
 
@@ -130,13 +129,17 @@ def _parse(header: _format.Header, path: str) -> Contents:
     versions = _json_member(meta, VERSIONS, path)
     if not isinstance(entries, list):
         raise _corrupt(path, f"`{TENSORS}` is not an array")
-    if not isinstance(checksums, dict) or checksums.keys() != header.entries.keys() or not all(
-        isinstance(v, str) and len(v) == _format.HASH_HEX for v in checksums.values()
+    if (
+        not isinstance(checksums, dict)
+        or checksums.keys() != header.entries.keys()
+        or not all(isinstance(v, str) and len(v) == _format.HASH_HEX for v in checksums.values())
     ):
         raise _corrupt(path, f"`{CHECKSUMS}` does not hold one checksum per stored tensor")
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         raise _corrupt(path, f"`{VERSIONS}` is not a map of strings")
-    return Contents(path, header, tree, entries, checksums, versions)
+    return Contents(
+        path, header, tree, entries, cast(dict[str, str], checksums), cast(dict[str, str], versions)
+    )
 
 
 def _plain_safetensors(header: _format.Header, path: str) -> Contents:
@@ -160,7 +163,8 @@ def _json_member(meta: dict[str, str], key: str, path: str) -> Json:
     text = meta.get(key)
     if text is None:
         raise _corrupt(path, f"the torchvault member `{key}` is missing")
-    return _format.strict_json(text.encode("utf-8"), path, key)
+    parsed: Json = _format.strict_json(text.encode("utf-8"), path, key)
+    return parsed
 
 
 def _corrupt(path: str, what: str) -> CorruptCheckpointError:

@@ -66,4 +66,3 @@ NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
         "float16", "float32", "float64", "complex64", "complex128",
     )
 }  # fmt: skip
-

@@ -201,5 +201,7 @@ def verify(path: PathLike) -> VerifyReport:
     for index in range(len(table)):
         table.get(index)  # builds every view: checks its dtype, shape, stride and bounds
     tree = _tree.decode(contents.tree, table.get)
-    tensors = sum(1 for _, leaf in _tree.flatten(tree) if isinstance(leaf, torch.Tensor | np.ndarray))
+    tensors = sum(
+        1 for _, leaf in _tree.flatten(tree) if isinstance(leaf, torch.Tensor | np.ndarray)
+    )
     return VerifyReport(contents.path, tensors, checked, bool(contents.checksums))

@@ -78,7 +78,8 @@ class Header:
 
 def hash_bytes(data: Any) -> str:
     """The checksum torchvault stores: xxh3-128 as 32 lowercase hex digits."""
-    return xxhash.xxh3_128_hexdigest(data)  # type: ignore[no-any-return]
+    digest: str = xxhash.xxh3_128_hexdigest(data)
+    return digest
 
 
 # ----------------------------------------------------------------------------- reading
@@ -97,11 +98,17 @@ def read_header(handle: BinaryIO, path: str) -> Header:
     prefix = os.pread(handle.fileno(), 8, 0)
     (length,) = struct.unpack("<Q", prefix)
     if length < 2 or length > MAX_HEADER_BYTES:
-        raise _corrupt(path, f"the header length field says {length} bytes (allowed: 2 to "
-                             f"{MAX_HEADER_BYTES}); this is not a safetensors or torchvault file")  # fmt: skip
+        raise _corrupt(
+            path,
+            f"the header length field says {length} bytes (allowed: 2 to "
+            f"{MAX_HEADER_BYTES}); this is not a safetensors or torchvault file",
+        )
     if 8 + length > size:
-        raise _corrupt(path, f"the header needs {length} bytes but the file has {size - 8} after "
-                             "the length prefix; the file is truncated")  # fmt: skip
+        raise _corrupt(
+            path,
+            f"the header needs {length} bytes but the file has {size - 8} after "
+            "the length prefix; the file is truncated",
+        )
     raw = os.pread(handle.fileno(), length, 8)
     if len(raw) != length:
         raise _corrupt(path, "the file shrank while it was being read")
@@ -127,8 +134,11 @@ def strict_json(raw: bytes, path: str, what: str) -> Any:
     no over-long numbers."""
     containers = raw.count(b"{") + raw.count(b"[")
     if containers > MAX_CONTAINERS:
-        raise _corrupt(path, f"{what} holds {containers} JSON containers (cap "
-                             f"{MAX_CONTAINERS}); refusing to parse it")  # fmt: skip
+        raise _corrupt(
+            path,
+            f"{what} holds {containers} JSON containers (cap "
+            f"{MAX_CONTAINERS}); refusing to parse it",
+        )
     try:
         return json.loads(
             raw.decode("utf-8"),
@@ -179,14 +189,20 @@ def _check_integrity(prefix: bytes, raw: bytes, metadata: dict[str, str], path: 
     if not raw.startswith(PREFIX):
         stray = [k for k in metadata if k.startswith(RESERVED)]
         if stray:
-            raise _corrupt(path, f"it has torchvault metadata ({stray[0]!r}) but no header "
-                                 "checksum in its place; the header is damaged")  # fmt: skip
+            raise _corrupt(
+                path,
+                f"it has torchvault metadata ({stray[0]!r}) but no header "
+                "checksum in its place; the header is damaged",
+            )
         return
     cut = len(PREFIX) + HASH_HEX
     stored = raw[len(PREFIX) : cut].decode("ascii", "replace")
     if raw[cut : cut + 1] != b'"' or hash_bytes(prefix + raw[cut:]) != stored:
-        raise _corrupt(path, "the header checksum does not match its bytes; the header is "
-                             "damaged (bit rot, a bad copy or tampering)")  # fmt: skip
+        raise _corrupt(
+            path,
+            "the header checksum does not match its bytes; the header is "
+            "damaged (bit rot, a bad copy or tampering)",
+        )
     version = metadata.get("torchvault.format", "")
     if not version.isdigit() or len(version) > 6:
         raise _corrupt(path, f"the format version {version!r} is not a number")
@@ -219,8 +235,12 @@ def _entry(name: str, spec: Any, path: str) -> Entry:
     if not _int_list(offsets, 2) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise _corrupt(path, "its data_offsets are not an ordered [begin, end] pair", key=name)
     if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
-        raise _corrupt(path, f"shape {shape} of {dtype} needs {math.prod(shape) * itemsize} "
-                             f"bytes but its offsets span {offsets[1] - offsets[0]}", key=name)  # fmt: skip
+        raise _corrupt(
+            path,
+            f"shape {shape} of {dtype} needs {math.prod(shape) * itemsize} "
+            f"bytes but its offsets span {offsets[1] - offsets[0]}",
+            key=name,
+        )
     return Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -237,15 +257,23 @@ def _check_layout(entries: dict[str, Entry], data_start: int, size: int, path: s
     for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):
         if entry.start != cursor:
             what = "overlaps the tensor before it" if entry.start < cursor else "leaves a gap"
-            raise _corrupt(path, f"its bytes start at {entry.start} and {what} (expected "
-                                 f"{cursor}); offsets must be contiguous", key=entry.name)  # fmt: skip
+            raise _corrupt(
+                path,
+                f"its bytes start at {entry.start} and {what} (expected "
+                f"{cursor}); offsets must be contiguous",
+                key=entry.name,
+            )
         cursor = entry.end
     if data_start + cursor != size:
-        raise _corrupt(path, f"the tensors need {data_start + cursor} bytes but the file has "
-                             f"{size}; the file is {'truncated' if size < data_start + cursor else 'padded with trailing bytes'}")  # fmt: skip
+        raise _corrupt(
+            path,
+            f"the tensors need {data_start + cursor} bytes but the file has "
+            f"{size}; the file is {'truncated' if size < data_start + cursor else 'padded with trailing bytes'}",
+        )
     for name, entry in list(entries.items()):
-        entries[name] = Entry(name, entry.dtype, entry.shape, entry.start + data_start,
-                              entry.end + data_start)  # fmt: skip
+        entries[name] = Entry(
+            name, entry.dtype, entry.shape, entry.start + data_start, entry.end + data_start
+        )
 
 
 def _short(exc: BaseException) -> str:
@@ -307,7 +335,8 @@ def seal_header(raw: bytes) -> bytes:
     """Return length prefix + header with the integrity checksum filled in."""
     prefix = struct.pack("<Q", len(raw))
     cut = len(PREFIX) + HASH_HEX
-    assert raw.startswith(PREFIX) and raw[len(PREFIX) : cut] == PLACEHOLDER.encode()
+    if raw[: len(PREFIX)] != PREFIX or raw[len(PREFIX) : cut] != PLACEHOLDER.encode():
+        raise AssertionError("seal_header needs a header built with the integrity placeholder")
     digest = hash_bytes(prefix + raw[cut:]).encode("ascii")
     return prefix + raw[: len(PREFIX)] + digest + raw[cut:]
 
@@ -327,9 +356,9 @@ def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> dict[str, str]:
 def _chunks(source: torch.Tensor) -> Iterator[memoryview]:
     flat = source.detach().contiguous().reshape(-1).view(torch.uint8)
     if flat.device.type == "cpu":
-        view = memoryview(flat.numpy())
+        view = memoryview(flat.numpy())  # type: ignore[arg-type]
         for start in range(0, len(view), CHUNK):
             yield view[start : start + CHUNK]
         return
     for start in range(0, flat.numel(), CHUNK):
-        yield memoryview(flat[start : start + CHUNK].to("cpu").numpy())
+        yield memoryview(flat[start : start + CHUNK].to("cpu").numpy())  # type: ignore[arg-type]

@@ -68,8 +68,11 @@ def load_into(
     renamed_source, auto = _reconcile_wrappers(renamed_source, target)
     report = _compare(renamed_source, target, renamed + auto)
     if strict and not report.ok:
-        raise StateDictMismatchError(_message(report, where, module), report=report,
-                                     path=None if where == "the state dict" else where)  # fmt: skip
+        raise StateDictMismatchError(
+            _message(report, where, module),
+            report=report,
+            path=None if where == "the state dict" else where,
+        )
     loadable = {key: renamed_source[key] for key in report.loaded}
     module.load_state_dict(loadable, strict=False)
     return report
@@ -81,7 +84,11 @@ def _as_state_dict(obj: object, where: str) -> Mapping[str, torch.Tensor]:
     ):
         return obj
     keys = list(obj)[:8] if isinstance(obj, Mapping) else []
-    hint = f" It holds {keys}; pass `tv.load(path)[KEY]` for the part that is a state dict." if keys else ""
+    hint = (
+        f" It holds {keys}; pass `tv.load(path)[KEY]` for the part that is a state dict."
+        if keys
+        else ""
+    )
     raise TypeError(f"{where} does not hold a state dict (a flat dict of tensors).{hint}")
 
 
@@ -95,8 +102,10 @@ def _apply_rules(
     for key, value in source.items():
         new = _rename_one(key, rules)
         if new in origin:
-            raise ValueError(f"rename maps both {origin[new]!r} and {key!r} to {new!r}; "
-                             "make the rules more specific.")  # fmt: skip
+            raise ValueError(
+                f"rename maps both {origin[new]!r} and {key!r} to {new!r}; "
+                "make the rules more specific."
+            )
         origin[new] = key
         out[new] = value
         if new != key:

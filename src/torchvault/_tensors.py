@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -77,9 +77,7 @@ class TensorPlan:
         ordered by alignment so every tensor in the file starts on a multiple of its
         element size."""
         names: set[str] = set()
-        blobs: list[tuple[int, Blob]] = []
-        for group in _group_by_storage(self._members):
-            blobs.append(self._store_group(group, names))
+        blobs = [self._store_group(group, names) for group in _group_by_storage(self._members)]
         blobs.sort(key=lambda pair: -pair[0])
         return [blob for _, blob in blobs]
 
@@ -162,8 +160,8 @@ def _group_by_storage(members: list[_Member]) -> list[list[_Member]]:
             groups[("empty", member.index)] = [member]
             continue
         extent = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
-        member.start = tensor.storage_offset() * size
-        member.end = member.start + (extent + 1) * size
+        member.start = int(tensor.storage_offset()) * size
+        member.end = member.start + int(extent + 1) * size
         key = (tensor.device, tensor.untyped_storage().data_ptr())
         groups.setdefault(key, []).append(member)
     return list(groups.values())
@@ -252,8 +250,11 @@ class TensorTable:
         if "stride" in entry or "offset" in entry:
             tensor = self._view(index, entry, base, dtype, shape)
         elif math.prod(shape) * dtype.itemsize != blob.nbytes:
-            raise self._corrupt(index, f"has shape {list(shape)} of {dtype}, which does not "
-                                       f"fill its {blob.nbytes} stored bytes")  # fmt: skip
+            raise self._corrupt(
+                index,
+                f"has shape {list(shape)} of {dtype}, which does not "
+                f"fill its {blob.nbytes} stored bytes",
+            )
         else:
             tensor = base.view(dtype).reshape(shape)
         return self._finish(index, entry, tensor)
@@ -269,17 +270,24 @@ class TensorTable:
         return base
 
     def _view(
-        self, index: int, entry: dict[str, Any], base: torch.Tensor, dtype: torch.dtype,
+        self,
+        index: int,
+        entry: dict[str, Any],
+        base: torch.Tensor,
+        dtype: torch.dtype,
         shape: tuple[int, ...],
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         stride, offset, size = entry.get("stride"), entry.get("offset"), dtype.itemsize
-        if not _dims(stride) or len(stride) != len(shape) or type(offset) is not int:
+        if not _dims(stride) or len(stride) != len(shape) or not isinstance(offset, int):
             raise self._corrupt(index, "has a malformed stride or offset")
         numel = math.prod(shape)
-        extent = 0 if numel == 0 else sum((n - 1) * s for n, s in zip(shape, stride)) + 1
+        extent = (
+            0 if numel == 0 else sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
+        )
         if offset < 0 or offset % size or offset + extent * size > base.numel():
-            raise self._corrupt(index, f"is a view at byte {offset} reaching past its "
-                                       f"{base.numel()}-byte blob")  # fmt: skip
+            raise self._corrupt(
+                index, f"is a view at byte {offset} reaching past its {base.numel()}-byte blob"
+            )
         view = torch.empty(0, dtype=dtype, device=base.device)
         return view.set_(base.untyped_storage(), offset // size, shape, stride)
 
@@ -299,7 +307,10 @@ class TensorTable:
         if not isinstance(name, str) or not _NP_RE.fullmatch(name):
             raise self._corrupt(index, "has a malformed numpy dtype")
         wanted = np.dtype(name)
-        if _dtypes.NUMPY_DTYPES.get(wanted.newbyteorder("<").str) is None or tensor.device.type != "cpu":
+        if (
+            _dtypes.NUMPY_DTYPES.get(wanted.newbyteorder("<").str) is None
+            or tensor.device.type != "cpu"
+        ):
             raise self._corrupt(index, f"has numpy dtype {name!r}, which torchvault never writes")
         array = tensor.numpy()
         if array.dtype.newbyteorder("<") != wanted.newbyteorder("<"):
@@ -322,7 +333,7 @@ class TensorTable:
         )
 
 
-def _dims(value: object) -> bool:
+def _dims(value: object) -> TypeGuard[list[int]]:
     return (
         isinstance(value, list)
         and len(value) <= 64

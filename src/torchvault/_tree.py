@@ -28,7 +28,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch
 from . import _dtypes
 from .errors import CorruptCheckpointError, UnsupportedTypeError
 
-Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]
+Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007
 
 MAX_DEPTH = 200
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
@@ -77,12 +77,14 @@ def encode(obj: object, sink: TensorSink, path: str = "", depth: int = 0) -> Jso
         number: float = obj  # type: ignore[assignment]
         return number if math.isfinite(number) else {"float": repr(number)}
     if kind is dict or kind is OrderedDict:
-        return _encode_dict(obj, sink, path, depth)  # type: ignore[arg-type]
+        return _encode_dict(cast("dict[object, object]", obj), sink, path, depth)
     if kind is list or kind is tuple:
-        items = [encode(v, sink, join(path, i), depth + 1) for i, v in enumerate(obj)]  # type: ignore[call-overload]
-        return {kind.__name__: items}
+        seq = cast("list[object] | tuple[object, ...]", obj)
+        return {
+            kind.__name__: [encode(v, sink, join(path, i), depth + 1) for i, v in enumerate(seq)]
+        }
     if kind is torch.Tensor or kind is torch.nn.Parameter or kind is np.ndarray:
-        return {"tensor": sink(obj, path)}  # type: ignore[arg-type]
+        return {"tensor": sink(cast("torch.Tensor", obj), path)}
     return _encode_scalar(obj, path)
 
 
@@ -102,16 +104,16 @@ def _encode_dict(obj: dict[object, object], sink: TensorSink, path: str, depth: 
 
 
 def _encode_scalar(obj: object, path: str) -> Json:
-    if isinstance(obj, complex) and type(obj) is complex:
+    if type(obj) is complex:
         return {"complex": [repr(obj.real), repr(obj.imag)]}
-    if type(obj) is bytes or type(obj) is bytearray:
-        return {type(obj).__name__: base64.b64encode(obj).decode("ascii")}  # type: ignore[arg-type]
+    if isinstance(obj, bytes | bytearray) and type(obj) in (bytes, bytearray):
+        return {type(obj).__name__: base64.b64encode(obj).decode("ascii")}
     if isinstance(obj, torch.dtype):
         return {"dtype": _dtypes.DTYPE_NAMES[obj]}
     if type(obj) is torch.device:
         return {"device": str(obj)}
     if type(obj) is torch.Size:
-        return {"size": list(obj)}  # type: ignore[call-overload]
+        return {"size": list(obj)}
     if isinstance(obj, np.generic) and obj.dtype.newbyteorder("<").str in _dtypes.NUMPY_DTYPES:
         little = obj.astype(obj.dtype.newbyteorder("<"))
         return {"npscalar": [little.dtype.str, little.tobytes().hex()]}
@@ -126,7 +128,9 @@ def _unsupported_message(obj: object, path: str) -> str:
     elif hasattr(obj, "state_dict") and callable(obj.state_dict):
         hint = "save its `.state_dict()` instead"
     elif isinstance(obj, torch.Tensor):
-        hint = "convert it to a plain tensor first (for example `.full_tensor()` or `.dequantize()`)"
+        hint = (
+            "convert it to a plain tensor first (for example `.full_tensor()` or `.dequantize()`)"
+        )
     elif isinstance(obj, tuple) and hasattr(obj, "_asdict"):
         hint = "convert the namedtuple with `._asdict()` or `tuple(...)`"
     elif isinstance(obj, dict | list | tuple | int | float | str):
@@ -281,10 +285,10 @@ _SCALARS: dict[str, Callable[[Json], object]] = {
 def flatten(obj: object, path: str = "") -> Iterator[tuple[str, object]]:
     """Every leaf of a decoded tree with its dotted path, in order."""
     if type(obj) is dict or type(obj) is OrderedDict:
-        for key, value in obj.items():  # type: ignore[attr-defined]
+        for key, value in cast("dict[object, object]", obj).items():
             yield from flatten(value, join(path, key))
     elif type(obj) is list or type(obj) is tuple:
-        for i, value in enumerate(obj):  # type: ignore[arg-type]
+        for i, value in enumerate(cast("list[object]", obj)):
             yield from flatten(value, join(path, i))
     else:
         yield path, obj
