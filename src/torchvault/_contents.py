@@ -10,6 +10,7 @@ import errno
 import json
 import mmap
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -20,8 +21,9 @@ from ._tensors import MapLocation, TensorTable
 from ._tree import Json
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 
-TREE, TENSORS, CHECKSUMS = "torchvault.tree", "torchvault.tensors", "torchvault.checksums"
+TREE, TENSORS, CHECKSUMS = "torchvault.tree", "torchvault.tensors", _format.CHECKSUMS
 VERSIONS, CREATED, FORMAT = "torchvault.versions", "torchvault.created", "torchvault.format"
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Contents:
     header: _format.Header
     tree: Json
     entries: list[Any]
-    checksums: dict[str, str]
+    checksums: str  # 32 hex digits per stored tensor, in header order; "" for plain files
     versions: dict[str, str]
 
     @property
@@ -64,13 +66,14 @@ class Contents:
         Raises:
             CorruptCheckpointError: naming the first tensor whose bytes do not match.
         """
+        if not self.checksums:
+            return 0
         view = memoryview(mapping)
         checked = 0
+        width = _format.HASH_HEX
         try:
-            for entry in self.header.entries.values():
-                expected = self.checksums.get(entry.name)
-                if expected is None:
-                    continue
+            for i, entry in enumerate(self.header.entries):
+                expected = self.checksums[i * width : (i + 1) * width]
                 if _format.hash_bytes(view[entry.start : entry.end]) != expected:
                     raise CorruptCheckpointError(
                         f"{self.path}: tensor `{entry.name}` does not match its checksum: its "
@@ -125,38 +128,28 @@ def _parse(header: _format.Header, path: str) -> Contents:
     meta = header.metadata
     tree = _json_member(meta, TREE, path)
     entries = _json_member(meta, TENSORS, path)
-    checksums = _json_member(meta, CHECKSUMS, path)
+    checksums = meta.get(CHECKSUMS, "")
     versions = _json_member(meta, VERSIONS, path)
     if not isinstance(entries, list):
         raise _corrupt(path, f"`{TENSORS}` is not an array")
-    if (
-        not isinstance(checksums, dict)
-        or checksums.keys() != header.entries.keys()
-        or not all(isinstance(v, str) and len(v) == _format.HASH_HEX for v in checksums.values())
-    ):
+    if len(checksums) != _format.HASH_HEX * len(header.entries) or not _HEX.fullmatch(checksums):
         raise _corrupt(path, f"`{CHECKSUMS}` does not hold one checksum per stored tensor")
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         raise _corrupt(path, f"`{VERSIONS}` is not a map of strings")
-    return Contents(
-        path, header, tree, entries, cast(dict[str, str], checksums), cast(dict[str, str], versions)
-    )
+    return Contents(path, header, tree, entries, checksums, cast(dict[str, str], versions))
 
 
 def _plain_safetensors(header: _format.Header, path: str) -> Contents:
-    tree: dict[str, Json] = {}
-    entries: list[Any] = []
-    for name, entry in header.entries.items():
-        dtype = _dtypes.SAFETENSORS_DTYPE.get(entry.dtype)
-        if dtype is None:
+    for entry in header.entries:
+        if entry.dtype not in _dtypes.SAFETENSORS_DTYPE:
             raise UnsupportedFormatError(
-                f"{path}: tensor `{name}` has dtype {entry.dtype}, which torch "
+                f"{path}: tensor `{entry.name}` has dtype {entry.dtype}, which torch "
                 f"{torch.__version__} cannot hold; upgrade torch to load it.",
                 path=path,
-                key=name,
+                key=entry.name,
             )
-        tree[name] = {"tensor": len(entries)}
-        entries.append({"s": name, "dtype": _dtypes.DTYPE_NAMES[dtype], "shape": list(entry.shape)})
-    return Contents(path, header, {"dict": tree}, entries, {}, {})
+    tree: Json = {"dict": {entry.name: {"tensor": i} for i, entry in enumerate(header.entries)}}
+    return Contents(path, header, tree, list(range(len(header.entries))), "", {})
 
 
 def _json_member(meta: dict[str, str], key: str, path: str) -> Json:

@@ -13,7 +13,6 @@ import torch
 from . import _format, _tree
 from ._commit import atomic_file
 from ._contents import (
-    CHECKSUMS,
     CREATED,
     FORMAT,
     TENSORS,
@@ -56,28 +55,22 @@ def save(obj: object, path: PathLike, *, metadata: Mapping[str, str] | None = No
     plan = TensorPlan()
     tree = _tree.encode(state, plan.add)
     blobs = plan.finish()
-    members = _members(tree, plan, blobs, metadata)
-    placeholder = _format.build_header(blobs, members)
+    header = _format.build_header(blobs, _members(tree, plan, len(blobs), metadata))
     with atomic_file(path) as handle:
-        handle.seek(8 + len(placeholder))
+        handle.seek(8 + len(header))
         checksums = _format.write_blobs(handle, blobs)
-        members[CHECKSUMS] = dumps(checksums)  # type: ignore[arg-type]
-        sealed = _format.seal_header(_format.build_header(blobs, members))
-        if len(sealed) != 8 + len(placeholder):
-            raise AssertionError("the header changed length while saving")
         handle.seek(0)
-        handle.write(sealed)
+        handle.write(_format.seal_header(header, checksums))
 
 
 def _members(
-    tree: _tree.Json, plan: TensorPlan, blobs: list[_format.Blob], user: Mapping[str, str] | None
+    tree: _tree.Json, plan: TensorPlan, count: int, user: Mapping[str, str] | None
 ) -> dict[str, str]:
     members = {
-        _format.INTEGRITY: _format.PLACEHOLDER,
+        **_format.placeholders(count),
         FORMAT: str(_format.FORMAT_VERSION),
         TREE: dumps(tree),
         TENSORS: dumps(plan.entries),  # type: ignore[arg-type]
-        CHECKSUMS: dumps({blob.name: _format.PLACEHOLDER for blob in blobs}),
         VERSIONS: dumps(versions()),  # type: ignore[arg-type]
         CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -167,7 +160,7 @@ def _tensor_infos(contents: Contents) -> tuple[TensorInfo, ...]:
     infos = []
     for key, leaf in _tree.flatten(tree):
         if isinstance(leaf, _Ref):
-            dtype, shape, _ = table.describe(leaf.index)
+            dtype, shape, _, _ = table.describe(leaf.index)
             nbytes = dtype.itemsize
             for n in shape:
                 nbytes *= n
@@ -196,7 +189,7 @@ def verify(path: PathLike) -> VerifyReport:
     contents, mapping = open_file(path)
     checked = contents.verify_data(mapping)
     if not contents.checksums:
-        checked = sum(e.nbytes for e in contents.header.entries.values())
+        checked = sum(e.nbytes for e in contents.header.entries)
     table = contents.table(mapping)
     for index in range(len(table)):
         table.get(index)  # builds every view: checks its dtype, shape, stride and bounds

@@ -4,11 +4,12 @@ Layout (all of it safetensors)::
 
     u64 little-endian N | N bytes of JSON header, space-padded | tensor bytes, no gaps
 
-The header's first member is ``__metadata__`` and its first member is
-``torchvault.integrity``: the xxh3-128 of the length prefix and of every header byte after
-that value. The other ``torchvault.*`` members carry the object tree, the tensor table,
-a checksum per stored tensor, versions and the creation time; user metadata sits beside
-them. Plain safetensors files (without these members) are read too.
+The header's first member is ``__metadata__``; its first member is ``torchvault.integrity``,
+the xxh3-128 of the length prefix and of every header byte after that value, and its second
+is ``torchvault.checksums``, the xxh3-128 of each stored tensor's bytes as one string of
+32-hex-digit runs in header order. The other ``torchvault.*`` members carry the format
+version, the object tree, the tensor table, versions and the creation time; user metadata
+sits beside them. Plain safetensors files (without these members) are read too.
 
 The reader trusts nothing: it checks the header length against a cap and the file size,
 counts JSON containers before parsing, parses strictly (no duplicate keys, no NaN, no
@@ -42,10 +43,13 @@ CHUNK = 16 << 20
 
 META = "__metadata__"
 INTEGRITY = "torchvault.integrity"
+CHECKSUMS = "torchvault.checksums"
 PREFIX = b'{"' + META.encode() + b'":{"' + INTEGRITY.encode() + b'":"'
 HASH_HEX = 32
 PLACEHOLDER = "0" * HASH_HEX
 RESERVED = "torchvault."
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+_SUMS_AT = PREFIX + PLACEHOLDER.encode() + b'","' + CHECKSUMS.encode() + b'":"'
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,9 @@ class Entry:
 
 @dataclass(frozen=True)
 class Header:
-    """A validated header: the tensors in file order and the ``__metadata__`` strings."""
+    """A validated header: its tensors in header order and its ``__metadata__`` strings."""
 
-    entries: dict[str, Entry]
+    entries: tuple[Entry, ...]
     metadata: dict[str, str]
     file_size: int
 
@@ -115,7 +119,7 @@ def read_header(handle: BinaryIO, path: str) -> Header:
     parsed = _parse_json(raw, path)
     metadata = _metadata(parsed.pop(META, {}), path)
     _check_integrity(prefix, raw, metadata, path)
-    entries = _entries(parsed, path)
+    entries = _entries(parsed, 8 + length, path)
     _check_layout(entries, 8 + length, size, path)
     return Header(entries=entries, metadata=metadata, file_size=size)
 
@@ -214,17 +218,14 @@ def _check_integrity(prefix: bytes, raw: bytes, metadata: dict[str, str], path: 
         )
 
 
-def _entries(parsed: dict[str, Any], path: str) -> dict[str, Entry]:
+def _entries(parsed: dict[str, Any], data_start: int, path: str) -> tuple[Entry, ...]:
     if len(parsed) > MAX_TENSORS:
         raise _corrupt(path, f"the header lists {len(parsed)} tensors (cap {MAX_TENSORS})")
-    entries = {}
-    for name, spec in parsed.items():
-        entries[name] = _entry(name, spec, path)
-    return entries
+    return tuple(_entry(name, spec, data_start, path) for name, spec in parsed.items())
 
 
-def _entry(name: str, spec: Any, path: str) -> Entry:
-    if not isinstance(spec, dict) or spec.keys() != {"dtype", "shape", "data_offsets"}:
+def _entry(name: str, spec: Any, data_start: int, path: str) -> Entry:
+    if type(spec) is not dict or spec.keys() != _ENTRY_KEYS:
         raise _corrupt(path, "it needs exactly dtype, shape and data_offsets", key=name)
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
     itemsize = SAFETENSORS_ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
@@ -241,38 +242,31 @@ def _entry(name: str, spec: Any, path: str) -> Entry:
             f"bytes but its offsets span {offsets[1] - offsets[0]}",
             key=name,
         )
-    return Entry(name, dtype, tuple(shape), offsets[0], offsets[1])
+    return Entry(name, dtype, tuple(shape), offsets[0] + data_start, offsets[1] + data_start)
 
 
 def _int_list(value: Any, cap: int) -> bool:
     return (
-        isinstance(value, list)
-        and len(value) <= cap
-        and all(type(v) is int and v >= 0 for v in value)
+        type(value) is list and len(value) <= cap and all(type(v) is int and v >= 0 for v in value)
     )
 
 
-def _check_layout(entries: dict[str, Entry], data_start: int, size: int, path: str) -> None:
-    cursor = 0
-    for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+def _check_layout(entries: tuple[Entry, ...], data_start: int, size: int, path: str) -> None:
+    cursor = data_start
+    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
         if entry.start != cursor:
             what = "overlaps the tensor before it" if entry.start < cursor else "leaves a gap"
             raise _corrupt(
                 path,
-                f"its bytes start at {entry.start} and {what} (expected "
-                f"{cursor}); offsets must be contiguous",
+                f"its bytes start at {entry.start - data_start} and {what} (expected "
+                f"{cursor - data_start}); offsets must be contiguous",
                 key=entry.name,
             )
         cursor = entry.end
-    if data_start + cursor != size:
+    if cursor != size:
+        state = "truncated" if size < cursor else "padded with trailing bytes"
         raise _corrupt(
-            path,
-            f"the tensors need {data_start + cursor} bytes but the file has "
-            f"{size}; the file is {'truncated' if size < data_start + cursor else 'padded with trailing bytes'}",
-        )
-    for name, entry in list(entries.items()):
-        entries[name] = Entry(
-            name, entry.dtype, entry.shape, entry.start + data_start, entry.end + data_start
+            path, f"the tensors need {cursor} bytes but the file has {size}; it is {state}"
         )
 
 
@@ -314,8 +308,8 @@ class Blob:
 def build_header(blobs: list[Blob], metadata: dict[str, str]) -> bytes:
     """Serialize the header, space-padded so that tensor data starts on a 64-byte boundary.
 
-    ``metadata`` must start with ``torchvault.integrity``; its value is filled in by
-    :func:`seal_header` once the header is final.
+    ``metadata`` must start with the ``torchvault.integrity`` and ``torchvault.checksums``
+    placeholders (:func:`placeholders`); :func:`seal_header` fills both in place.
     """
     header: dict[str, Any] = {META: metadata}
     offset = 0
@@ -331,34 +325,43 @@ def build_header(blobs: list[Blob], metadata: dict[str, str]) -> bytes:
     return raw + b" " * pad
 
 
-def seal_header(raw: bytes) -> bytes:
-    """Return length prefix + header with the integrity checksum filled in."""
-    prefix = struct.pack("<Q", len(raw))
+def placeholders(count: int) -> dict[str, str]:
+    """The first two metadata members, to be filled in by :func:`seal_header`."""
+    return {INTEGRITY: PLACEHOLDER, CHECKSUMS: PLACEHOLDER * count}
+
+
+def seal_header(raw: bytes, checksums: list[str]) -> bytes:
+    """Return length prefix + header with the tensor checksums and the header checksum filled
+    in. Both are fixed-width hex at fixed places, so the header keeps its length."""
+    sums = "".join(checksums).encode("ascii")
+    start = len(_SUMS_AT)
+    if raw[:start] != _SUMS_AT or raw[start : start + len(sums) + 1] != b"0" * len(sums) + b'"':
+        raise AssertionError("seal_header needs a header built with placeholders()")
+    body = raw[:start] + sums + raw[start + len(sums) :]
+    prefix = struct.pack("<Q", len(body))
     cut = len(PREFIX) + HASH_HEX
-    if raw[: len(PREFIX)] != PREFIX or raw[len(PREFIX) : cut] != PLACEHOLDER.encode():
-        raise AssertionError("seal_header needs a header built with the integrity placeholder")
-    digest = hash_bytes(prefix + raw[cut:]).encode("ascii")
-    return prefix + raw[: len(PREFIX)] + digest + raw[cut:]
+    digest = hash_bytes(prefix + body[cut:]).encode("ascii")
+    return prefix + body[: len(PREFIX)] + digest + body[cut:]
 
 
-def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> dict[str, str]:
+def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> list[str]:
     """Stream every blob's bytes to ``handle`` (no whole-file buffer); return their checksums."""
-    sums = {}
+    sums = []
     for blob in blobs:
+        flat = blob.source.contiguous().reshape(-1).view(torch.uint8)
+        if flat.device.type == "cpu" and flat.numel() <= CHUNK:
+            view = memoryview(flat.numpy())  # type: ignore[arg-type]
+            sums.append(hash_bytes(view))
+            handle.write(view)
+            continue
         hasher = xxhash.xxh3_128()
-        for piece in _chunks(blob.source):
+        for piece in _chunks(flat):
             hasher.update(piece)
             handle.write(piece)
-        sums[blob.name] = hasher.hexdigest()
+        sums.append(hasher.hexdigest())
     return sums
 
 
-def _chunks(source: torch.Tensor) -> Iterator[memoryview]:
-    flat = source.detach().contiguous().reshape(-1).view(torch.uint8)
-    if flat.device.type == "cpu":
-        view = memoryview(flat.numpy())  # type: ignore[arg-type]
-        for start in range(0, len(view), CHUNK):
-            yield view[start : start + CHUNK]
-        return
+def _chunks(flat: torch.Tensor) -> Iterator[memoryview]:
     for start in range(0, flat.numel(), CHUNK):
         yield memoryview(flat[start : start + CHUNK].to("cpu").numpy())  # type: ignore[arg-type]

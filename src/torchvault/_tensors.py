@@ -7,13 +7,16 @@ member that covers all the others when there is one, else as the raw bytes of th
 cover; the others become views (dtype, shape, stride, byte offset) into it. Loading builds
 each stored blob once, so views come back sharing storage, as they were saved.
 
-Table entries are JSON objects::
+Table entries are a blob index (the tensor is exactly that stored blob, with the dtype and
+shape of its safetensors entry) or an object::
 
-    {"s": blob name, "dtype": "float32", "shape": [2, 3],
+    {"s": blob index, "dtype": "float32", "shape": [2, 3],
      "stride": [3, 1], "offset": 24,        # only for views into a shared blob (bytes)
      "param": true, "grad": true,           # nn.Parameter / requires_grad
      "device": "cuda:0",                    # saved-from device when not the CPU
      "np": "<f4"}                           # a numpy array, with its dtype
+
+Blob indices count the safetensors header's tensors in header order.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ _ALIGN = 16  # bytes a shared span is rounded down to, so every view offset stay
 _DEVICE_RE = re.compile(r"[a-z_]{1,32}(:[0-9]{1,6})?")
 _NP_RE = re.compile(r"[<>|=][a-z][0-9]{1,2}")
 _ENTRY_KEYS = {"s", "dtype", "shape", "stride", "offset", "param", "grad", "device", "np"}
+_PLAIN = {"s", "dtype", "shape"}
+_NO_FIELDS: dict[str, Any] = {}
 
 
 @dataclass
@@ -51,7 +56,7 @@ class _Member:
 class TensorPlan:
     """Collects the tensors met while encoding a tree (``add`` is the tree's TensorSink)."""
 
-    entries: list[dict[str, Any]] = field(default_factory=list)
+    entries: list[dict[str, Any] | int] = field(default_factory=list)
     _members: list[_Member] = field(default_factory=list)
     _memo: dict[int, int] = field(default_factory=dict)
     _keep: list[object] = field(default_factory=list)
@@ -77,60 +82,67 @@ class TensorPlan:
         ordered by alignment so every tensor in the file starts on a multiple of its
         element size."""
         names: set[str] = set()
-        blobs = [self._store_group(group, names) for group in _group_by_storage(self._members)]
-        blobs.sort(key=lambda pair: -pair[0])
-        return [blob for _, blob in blobs]
+        stored = [self._store_group(group, names) for group in _group_by_storage(self._members)]
+        stored.sort(key=lambda item: -item[0])
+        for index, (_, blob, group) in enumerate(stored):
+            for member in group:
+                entry = self.entries[member.index]
+                assert isinstance(entry, dict)
+                entry["s"] = index
+                exact = _dtypes.SAFETENSORS_NAME.get(member.tensor.dtype) == blob.dtype
+                if exact and entry.keys() == _PLAIN and tuple(entry["shape"]) == blob.shape:
+                    self.entries[member.index] = index
+        return [blob for _, blob, _ in stored]
 
-    def _store_group(self, group: list[_Member], names: set[str]) -> tuple[int, Blob]:
+    def _store_group(
+        self, group: list[_Member], names: set[str]
+    ) -> tuple[int, Blob, list[_Member]]:
         first = group[0]
         name = _unique_name(first.path, names)
         align = max(m.tensor.element_size() for m in group)
         if len(group) == 1:
             tensor = first.tensor
-            self.entries[first.index]["s"] = name
             stored = _dtypes.SAFETENSORS_NAME.get(tensor.dtype)
             if stored is None:
-                return align, Blob(name, "U8", (tensor.numel() * tensor.element_size(),), tensor)
-            return align, Blob(name, stored, tuple(tensor.shape), tensor)
+                shape: tuple[int, ...] = (tensor.numel() * tensor.element_size(),)
+                return align, Blob(name, "U8", shape, tensor), group
+            return align, Blob(name, stored, tuple(tensor.shape), tensor), group
         base, lo, hi = _cover(group)
         if base is None:
             lo -= lo % _ALIGN
-            storage = first.tensor.untyped_storage()
             span = torch.empty(0, dtype=torch.uint8, device=first.tensor.device)
-            span.set_(storage, lo, (hi - lo,), (1,))
-            blob = Blob(name + "#storage", "U8", (hi - lo,), span)
-            names.add(blob.name)
+            span.set_(first.tensor.untyped_storage(), lo, (hi - lo,), (1,))
+            blob = Blob(_unique_name(name + "#storage", names), "U8", (hi - lo,), span)
         else:
             blob = Blob(name, _dtypes.SAFETENSORS_NAME[base.dtype], tuple(base.shape), base)
         for member in group:
-            entry = self.entries[member.index]
-            entry["s"] = blob.name
             if member.tensor is not base:
+                entry = self.entries[member.index]
+                assert isinstance(entry, dict)
                 entry["stride"] = list(member.tensor.stride())
                 entry["offset"] = member.start - lo
-        return align, blob
+        return align, blob, group
 
 
 def _tensor_entry(tensor: torch.Tensor, path: str) -> dict[str, Any]:
+    name = _dtypes.DTYPE_NAMES.get(tensor.dtype)
+    device = tensor.device
     problem = None
     if tensor.layout != torch.strided:
         problem = f"a {tensor.layout} tensor; convert it with `.to_dense()` first"
-    elif tensor.device.type == "meta":
+    elif device.type == "meta":
         problem = "a meta tensor, which has no data; materialize it before saving"
-    elif tensor.dtype not in _dtypes.STORABLE.values():
+    elif name not in _dtypes.STORABLE:
         problem = f"a {tensor.dtype} tensor; call `.dequantize()` or `.int_repr()` first"
     if problem:
         raise UnsupportedTypeError(f"`{path or 'the object'}` is {problem}.", key=path)
-    entry: dict[str, Any] = {
-        "dtype": _dtypes.DTYPE_NAMES[tensor.dtype],
-        "shape": list(tensor.shape),
-    }
-    if isinstance(tensor, torch.nn.Parameter):
+    entry: dict[str, Any] = {"dtype": name, "shape": list(tensor.shape)}
+    if type(tensor) is torch.nn.Parameter:
         entry["param"] = True
     if tensor.requires_grad:
         entry["grad"] = True
-    if tensor.device.type != "cpu":
-        entry["device"] = str(tensor.device)
+    if device.type != "cpu":
+        entry["device"] = str(device)
     return entry
 
 
@@ -156,12 +168,15 @@ def _group_by_storage(members: list[_Member]) -> list[list[_Member]]:
     for member in members:
         tensor = member.tensor
         size = tensor.element_size()
-        if tensor.numel() == 0:
+        numel = tensor.numel()
+        if numel == 0:
             groups[("empty", member.index)] = [member]
             continue
-        extent = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+        if not tensor.is_contiguous():
+            pairs = zip(tensor.shape, tensor.stride(), strict=True)
+            numel = int(sum((n - 1) * s for n, s in pairs)) + 1
         member.start = int(tensor.storage_offset()) * size
-        member.end = member.start + int(extent + 1) * size
+        member.end = member.start + numel * size
         key = (tensor.device, tensor.untyped_storage().data_ptr())
         groups.setdefault(key, []).append(member)
     return list(groups.values())
@@ -205,18 +220,19 @@ class TensorTable:
     def __init__(
         self,
         entries: list[Any],
-        header: Mapping[str, Entry],
+        blobs: tuple[Entry, ...],
         mapping: Callable[[Entry], torch.Tensor],
         path: str,
         map_location: MapLocation = "cpu",
     ) -> None:
         self._entries = entries
-        self._header = header
+        self._blobs = blobs
         self._mapping = mapping
         self._path = path
         self._map_location = map_location
-        self._bases: dict[tuple[str, str], torch.Tensor] = {}
+        self._bases: dict[tuple[int, str], torch.Tensor] = {}
         self._built: dict[int, object] = {}
+        self._devices: dict[str, torch.device] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -225,28 +241,40 @@ class TensorTable:
         """The tensor (or numpy array) of entry ``index``; the same object on every call."""
         built = self._built.get(index)
         if built is None:
-            if not 0 <= index < len(self._entries):
-                raise self._corrupt(index, "is referenced by the tree but not in the table")
-            built = self._build(index, self._entries[index])
+            built = self._build(index)
             self._built[index] = built
         return built
 
-    def describe(self, index: int) -> tuple[torch.dtype, tuple[int, ...], Entry]:
-        """The dtype, shape and blob of entry ``index``, validated, without reading data."""
+    def describe(self, index: int) -> tuple[torch.dtype, tuple[int, ...], int, dict[str, Any]]:
+        """The dtype, shape, blob index and extra fields of entry ``index``, validated,
+        without reading data."""
         entry = self._entries[index] if 0 <= index < len(self._entries) else None
+        if type(entry) is int:
+            blob = self._blob(index, entry)
+            dtype = _dtypes.SAFETENSORS_DTYPE.get(blob.dtype)
+            if dtype is None:
+                raise self._corrupt(index, f"is a {blob.dtype} blob this torch cannot hold")
+            return dtype, blob.shape, entry, _NO_FIELDS
         if not isinstance(entry, dict) or not entry.keys() <= _ENTRY_KEYS:
             raise self._corrupt(index, "is not a valid table entry")
-        blob = self._header.get(entry.get("s"))  # type: ignore[arg-type]
         dtype = _dtypes.STORABLE.get(entry.get("dtype"))  # type: ignore[arg-type]
         shape = entry.get("shape")
-        if blob is None or dtype is None or not _dims(shape):
-            raise self._corrupt(index, "names an unknown blob, dtype or shape")
-        return dtype, tuple(shape), blob
+        if dtype is None or not _dims(shape):
+            raise self._corrupt(index, "has an unknown dtype or a malformed shape")
+        blob_index = entry.get("s")
+        self._blob(index, blob_index)
+        return dtype, tuple(shape), blob_index, entry  # type: ignore[return-value]
 
-    def _build(self, index: int, entry: dict[str, Any]) -> object:
-        dtype, shape, blob = self.describe(index)
+    def _blob(self, index: int, blob: object) -> Entry:
+        if type(blob) is not int or not 0 <= blob < len(self._blobs):
+            raise self._corrupt(index, f"refers to blob {blob!r}, which the header does not have")
+        return self._blobs[blob]
+
+    def _build(self, index: int) -> object:
+        dtype, shape, blob_index, entry = self.describe(index)
+        blob = self._blobs[blob_index]
         device = self._target(entry.get("device", "cpu"), index)
-        base = self._base(blob, device)
+        base = self._base(blob_index, device)
         if "stride" in entry or "offset" in entry:
             tensor = self._view(index, entry, base, dtype, shape)
         elif math.prod(shape) * dtype.itemsize != blob.nbytes:
@@ -257,13 +285,13 @@ class TensorTable:
             )
         else:
             tensor = base.view(dtype).reshape(shape)
-        return self._finish(index, entry, tensor)
+        return self._finish(index, entry, tensor) if entry else tensor
 
-    def _base(self, blob: Entry, device: torch.device) -> torch.Tensor:
-        key = (blob.name, str(device))
+    def _base(self, blob_index: int, device: torch.device) -> torch.Tensor:
+        key = (blob_index, str(device))
         base = self._bases.get(key)
         if base is None:
-            base = self._mapping(blob)
+            base = self._mapping(self._blobs[blob_index])
             if device.type != "cpu":
                 base = base.to(device)
             self._bases[key] = base
@@ -318,12 +346,15 @@ class TensorTable:
         return array if array.dtype == wanted else array.astype(wanted)
 
     def _target(self, saved: object, index: int) -> torch.device:
-        if not isinstance(saved, str) or not _DEVICE_RE.fullmatch(saved):
-            raise self._corrupt(index, "has a malformed device")
-        where = self._map_location
-        if isinstance(where, Mapping):
-            where = where.get(saved, saved)
-        return torch.device(saved if where is None else where)
+        device: torch.device | None = self._devices.get(saved)  # type: ignore[call-overload]
+        if device is None:
+            if not isinstance(saved, str) or not _DEVICE_RE.fullmatch(saved):
+                raise self._corrupt(index, "has a malformed device")
+            where = self._map_location
+            if isinstance(where, Mapping):
+                where = where.get(saved, saved)
+            device = self._devices[saved] = torch.device(saved if where is None else where)
+        return device
 
     def _corrupt(self, index: int, what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(

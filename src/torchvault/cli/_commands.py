@@ -1,0 +1,112 @@
+"""The subcommands: each one function taking the parsed arguments and returning an exit code,
+registered with the arguments it takes.
+
+To add a command, write its function and register it::
+
+    @command("ls", arguments=(PATH, JSON))
+    def ls(args: argparse.Namespace) -> int:
+        \"\"\"List the checkpoints of a folder.\"\"\"
+        ...
+
+The first line of the function's docstring is its one-line help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torchvault as tv
+
+from ._exit import ExitCode, one_line
+from ._render import inspect_json, inspect_text, verify_json, verify_text
+
+Run = Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One ``add_argument`` call: its flags or name, and its keyword arguments."""
+
+    names: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Add this argument to ``parser``."""
+        parser.add_argument(*self.names, **self.options)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A registered subcommand."""
+
+    name: str
+    run: Run
+    arguments: tuple[Argument, ...]
+
+    @property
+    def summary(self) -> str:
+        """The first line of the function's docstring."""
+        return (self.run.__doc__ or "").strip().splitlines()[0]
+
+
+COMMANDS: dict[str, Command] = {}
+
+PATH = Argument(("path",), {"metavar": "PATH", "help": "a torchvault or safetensors file"})
+JSON = Argument(("--json",), {"action": "store_true", "help": "print one JSON object"})
+
+
+def command(name: str, *, arguments: Sequence[Argument]) -> Callable[[Run], Run]:
+    """Register the decorated function as the subcommand ``name``."""
+
+    def register(run: Run) -> Run:
+        if name in COMMANDS:
+            raise ValueError(f"the command {name!r} is registered twice")
+        COMMANDS[name] = Command(name, run, tuple(arguments))
+        return run
+
+    return register
+
+
+def print_json(value: object) -> None:
+    """Print ``value`` as indented JSON (ASCII-only, so no byte of it can drive a terminal)."""
+    print(json.dumps(value, indent=2))
+
+
+@command("inspect", arguments=(PATH, JSON))
+def inspect(args: argparse.Namespace) -> int:
+    """Show a checkpoint's tensors, sizes, versions and metadata (reads no tensor data)."""
+    info = tv.inspect(args.path)
+    if args.json:
+        print_json(inspect_json(info))
+    else:
+        print(inspect_text(info))
+    return ExitCode.OK
+
+
+@command("verify", arguments=(PATH, JSON))
+def verify(args: argparse.Namespace) -> int:
+    """Check a checkpoint completely: its structure and every tensor's checksum."""
+    try:
+        result = tv.verify(args.path)
+    except (tv.CorruptCheckpointError, tv.UnsupportedFormatError) as exc:
+        if args.json:
+            print_json({"path": str(args.path), "ok": False, "error": exc.message, "key": exc.key})
+        else:
+            print(f"FAILED {_failure(str(args.path), exc.message)}", file=sys.stderr)
+        return ExitCode.INVALID
+    if args.json:
+        print_json(verify_json(result))
+    else:
+        print(verify_text(result))
+    return ExitCode.OK
+
+
+def _failure(path: str, message: str) -> str:
+    # torchvault's messages usually begin with the path already: do not say it twice.
+    text = message if message.startswith(path) else f"{path}: {message}"
+    return one_line(text)
