@@ -348,7 +348,7 @@ def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> list[str]:
     """Stream every blob's bytes to ``handle`` (no whole-file buffer); return their checksums."""
     sums = []
     for blob in blobs:
-        flat = blob.source.contiguous().reshape(-1).view(torch.uint8)
+        flat = _flat_bytes(blob.source)
         if flat.device.type == "cpu" and flat.numel() <= CHUNK:
             view = memoryview(flat.numpy())  # type: ignore[arg-type]
             sums.append(hash_bytes(view))
@@ -360,6 +360,13 @@ def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> list[str]:
             handle.write(piece)
         sums.append(hasher.hexdigest())
     return sums
+
+
+def _flat_bytes(source: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a 1-D uint8 tensor. ``as_strided`` because torch calls a tensor
+    with a size-1 or size-0 dim contiguous whatever its stride, and ``view`` then refuses it."""
+    flat = source.contiguous().reshape(-1)
+    return flat.as_strided((flat.numel(),), (1,)).view(torch.uint8)
 
 
 def _chunks(flat: torch.Tensor) -> Iterator[memoryview]:

@@ -41,6 +41,7 @@ _NP_RE = re.compile(r"[<>|=][a-z][0-9]{1,2}")
 _ENTRY_KEYS = {"s", "dtype", "shape", "stride", "offset", "param", "grad", "device", "np"}
 _PLAIN = {"s", "dtype", "shape"}
 _NO_FIELDS: dict[str, Any] = {}
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _from_numpy(array: np.ndarray[Any, Any], path: str) -> tuple[torch.Tensor, d
             "integer, float and complex arrays are stored. Convert it with `.astype(...)`.",
             key=path,
         )
-    data = np.ascontiguousarray(array, dtype=little)
+    data = np.asarray(array, dtype=little, order="C")  # ascontiguousarray makes 0-d 1-d
     tensor = torch.from_numpy(data if data.flags.writeable else data.copy())
     return tensor, {
         "dtype": _dtypes.DTYPE_NAMES[tensor.dtype],
@@ -273,7 +274,7 @@ class TensorTable:
     def _build(self, index: int) -> object:
         dtype, shape, blob_index, entry = self.describe(index)
         blob = self._blobs[blob_index]
-        device = self._target(entry.get("device", "cpu"), index)
+        device = _CPU if "np" in entry else self._target(entry.get("device", "cpu"), index)
         base = self._base(blob_index, device)
         if "stride" in entry or "offset" in entry:
             tensor = self._view(index, entry, base, dtype, shape)
