@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -52,10 +54,11 @@ def save(obj: object, path: PathLike, *, metadata: Mapping[str, str] | None = No
         >>> tv.save(model, "model.tv", metadata={"run": "exp1"})
     """
     state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
-    plan = TensorPlan()
-    tree = _tree.encode(state, plan.add)
-    blobs = plan.finish()
-    header = _format.build_header(blobs, _members(tree, plan, len(blobs), metadata))
+    with _gc_paused():
+        plan = TensorPlan()
+        tree = _tree.encode(state, plan.add)
+        blobs = plan.finish()
+        header = _format.build_header(blobs, _members(tree, plan, len(blobs), metadata))
     with atomic_file(path) as handle:
         handle.seek(8 + len(header))
         checksums = _format.write_blobs(handle, blobs)
@@ -124,11 +127,29 @@ def load(
         >>> state = tv.load("model.tv")
         >>> model.load_state_dict(state)
     """
-    contents, mapping = open_file(path)
-    if verify and not lazy:
-        contents.verify_data(mapping)
-    table = contents.table(mapping, map_location)
-    return _tree.decode(contents.tree, table.get)
+    with _gc_paused():
+        contents, mapping = open_file(path)
+        if verify and not lazy:
+            contents.verify_data(mapping)
+        table = contents.table(mapping, map_location)
+        return _tree.decode(contents.tree, table.get)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small acyclic containers.
+
+    Each collection re-walks every live object of the process, and a save or load of many
+    tensors allocates enough containers to trigger several: measured here, that was a third
+    of ``save``'s time for 20,000 tensors in a process with a large heap.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def inspect(path: PathLike) -> CheckpointInfo:

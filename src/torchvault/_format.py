@@ -25,7 +25,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 import xxhash
@@ -52,8 +52,7 @@ _ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
 _SUMS_AT = PREFIX + PLACEHOLDER.encode() + b'","' + CHECKSUMS.encode() + b'":"'
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One tensor of the safetensors header, with absolute file offsets."""
 
     name: str
@@ -287,8 +286,7 @@ def _corrupt(path: str, what: str, key: str | None = None) -> CorruptCheckpointE
 # ----------------------------------------------------------------------------- writing
 
 
-@dataclass(frozen=True)
-class Blob:
+class Blob(NamedTuple):
     """One tensor to write: its safetensors entry and the tensor its bytes come from.
 
     ``source`` may be on any device and need not be contiguous: it is made contiguous and
@@ -299,10 +297,7 @@ class Blob:
     dtype: str
     shape: tuple[int, ...]
     source: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return self.source.numel() * self.source.element_size()
+    nbytes: int
 
 
 def build_header(blobs: list[Blob], metadata: dict[str, str]) -> bytes:

@@ -104,18 +104,19 @@ class TensorPlan:
         if len(group) == 1:
             tensor = first.tensor
             stored = _dtypes.SAFETENSORS_NAME.get(tensor.dtype)
+            nbytes = tensor.numel() * tensor.element_size()
             if stored is None:
-                shape: tuple[int, ...] = (tensor.numel() * tensor.element_size(),)
-                return align, Blob(name, "U8", shape, tensor), group
-            return align, Blob(name, stored, tuple(tensor.shape), tensor), group
+                return align, Blob(name, "U8", (nbytes,), tensor, nbytes), group
+            return align, Blob(name, stored, tuple(tensor.shape), tensor, nbytes), group
         base, lo, hi = _cover(group)
         if base is None:
             lo -= lo % _ALIGN
             span = torch.empty(0, dtype=torch.uint8, device=first.tensor.device)
             span.set_(first.tensor.untyped_storage(), lo, (hi - lo,), (1,))
-            blob = Blob(_unique_name(name + "#storage", names), "U8", (hi - lo,), span)
+            blob = Blob(_unique_name(name + "#storage", names), "U8", (hi - lo,), span, hi - lo)
         else:
-            blob = Blob(name, _dtypes.SAFETENSORS_NAME[base.dtype], tuple(base.shape), base)
+            stored = _dtypes.SAFETENSORS_NAME[base.dtype]
+            blob = Blob(name, stored, tuple(base.shape), base, hi - lo)
         for member in group:
             if member.tensor is not base:
                 entry = self.entries[member.index]
