@@ -73,7 +73,10 @@ class Layout:
     def tensor_spans(self) -> dict[str, tuple[int, int]]:
         """Each tensor's absolute [start, end) byte range in the file."""
         return {
-            name: (self.data_start + spec["data_offsets"][0], self.data_start + spec["data_offsets"][1])
+            name: (
+                self.data_start + spec["data_offsets"][0],
+                self.data_start + spec["data_offsets"][1],
+            )
             for name, spec in self.header.items()
             if name != META
         }
@@ -150,7 +153,10 @@ def seal(raw: bytes) -> bytes:
     ``raw`` must start with PREFIX followed by 32 placeholder characters and a quote. The
     hash is xxh3-128 of the 8-byte length prefix and every header byte after the hash.
     """
-    if not raw.startswith(PREFIX) or raw[len(PREFIX) + HASH_HEX : len(PREFIX) + HASH_HEX + 1] != b'"':
+    if (
+        not raw.startswith(PREFIX)
+        or raw[len(PREFIX) + HASH_HEX : len(PREFIX) + HASH_HEX + 1] != b'"'
+    ):
         raise ValueError("the header does not start with the integrity member")
     prefix = struct.pack("<Q", len(raw))
     cut = len(PREFIX) + HASH_HEX
@@ -229,7 +235,9 @@ def reseal(
     return out
 
 
-def recompute_checksums(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None) -> Path:
+def recompute_checksums(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None
+) -> Path:
     """Recompute every tensor checksum from the data bytes and reseal (a full forgery)."""
     layout = read_layout(src)
     sums = "".join(
@@ -274,11 +282,13 @@ def assert_same(got: Any, want: Any, where: str = "") -> None:
 
     assert type(got) is type(want), f"{where}: {type(got)} != {type(want)}"
     if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and got.shape == want.shape, where
+        assert got.dtype == want.dtype, where
+        assert got.shape == want.shape, where
         assert got.requires_grad == want.requires_grad, where
         assert torch.equal(got.detach(), want.detach()), where
     elif isinstance(want, np.ndarray):
-        assert got.dtype == want.dtype and got.shape == want.shape, where
+        assert got.dtype == want.dtype, where
+        assert got.shape == want.shape, where
         assert np.array_equal(got, want), where
     elif isinstance(want, dict):
         assert list(got) == list(want), where

@@ -10,22 +10,96 @@ file systems, and it is created with the usual 0o666 & ~umask mode, not mkstemp'
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
+import glob
+import io
 import os
 import secrets
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import CheckpointWriteError
 
 TEMP_MARK = ".tvtmp-"
+_HOST = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
 _BUFFER = 1 << 20
+_KICK = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class _WritebackFile(io.BufferedWriter):
+    """A buffered file that starts the kernel's writeback every 32 MiB written.
+
+    Without it the page cache holds every byte until the final fsync, which then waits for
+    the whole file; started early, the disk writes while later bytes are still being copied
+    (measured here: write + fsync of 1 GiB 0.31 s instead of 0.53 s). Only a hint: the final
+    fsync is what makes the file durable.
+    """
+
+    def __init__(self, raw: io.FileIO) -> None:
+        super().__init__(raw, _BUFFER)
+        self._unkicked = 0
+
+    def write(self, data: Any, /) -> int:
+        written = super().write(data)
+        self._unkicked += written
+        if self._unkicked >= _KICK:
+            self._unkicked = 0
+            _start_writeback(self.fileno())
+        return written
+
+
+def _writer(fd: int) -> BinaryIO:
+    """The buffered handle a save writes through (one seam for fault-injection tests)."""
+    return _WritebackFile(io.FileIO(fd, "wb"))
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    return function
+
+
+def _start_writeback(fd: int) -> None:
+    function = _sync_file_range()
+    if function is not None:
+        function(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors ignored: fsync still follows
 
 
 def temp_name(path: Path) -> Path:
     """A fresh, unique temp path beside ``path``; readers ignore names containing TEMP_MARK."""
-    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(6)}")
+    return path.with_name(f".{path.name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def remove_orphans(path: Path) -> None:
+    """Delete temp files of ``path`` left by killed saves on this host.
+
+    A temp file is an orphan when the process that made it is gone; those of live processes
+    and of other hosts (a shared folder) are left alone.
+    """
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}{TEMP_MARK}{_HOST}-*"):
+        pid = candidate.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 @contextlib.contextmanager
@@ -43,13 +117,14 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             path=dest,
             errno=errno.EISDIR,
         )
+    remove_orphans(dest)
     tmp = temp_name(dest)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
         raise _write_error(dest, exc) from exc
     try:
-        with os.fdopen(fd, "wb", buffering=_BUFFER) as handle:
+        with _writer(fd) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -60,11 +135,23 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointWriteError):
             raise _write_error(dest, exc) from exc
         raise
-    fsync_dir(dest.parent)
+    try:
+        fsync_dir(dest.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"saved {dest}, but syncing its folder failed ({exc.strerror or exc}): the new "
+            "file is in place but may not survive a power loss. Save again to be sure.",
+            path=dest,
+            errno=exc.errno,
+        ) from exc
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened)."""
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened).
+
+    Raises:
+        OSError: the folder's fsync failed (file systems that cannot sync folders are skipped).
+    """
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -73,9 +160,10 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise _write_error(folder, exc) from exc
+            raise
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _write_error(dest: Path, exc: OSError) -> CheckpointWriteError:

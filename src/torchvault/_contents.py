@@ -11,12 +11,13 @@ import json
 import mmap
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 
-from . import _dtypes, _format
+from . import _dtypes, _format, _tree
 from ._tensors import MapLocation, TensorTable
 from ._tree import Json
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
@@ -59,6 +60,17 @@ class Contents:
             )
 
         return TensorTable(self.entries, self.header.entries, blob, self.path, map_location)
+
+    def decode(self, source: Callable[[int], object]) -> object:
+        """The saved object, its tensor leaves taken from ``source``; errors name the file."""
+        try:
+            return _tree.decode(self.tree, source)
+        except CorruptCheckpointError as exc:
+            if exc.path is not None:
+                raise
+            raise CorruptCheckpointError(
+                f"{self.path}: {exc.message}", path=self.path, key=exc.key
+            ) from exc
 
     def verify_data(self, mapping: mmap.mmap) -> int:
         """Check every stored tensor against its checksum; return the bytes checked.
@@ -156,7 +168,11 @@ def _json_member(meta: dict[str, str], key: str, path: str) -> Json:
     text = meta.get(key)
     if text is None:
         raise _corrupt(path, f"the torchvault member `{key}` is missing")
-    parsed: Json = _format.strict_json(text.encode("utf-8"), path, key)
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _corrupt(path, f"the torchvault member `{key}` is not valid UTF-8") from exc
+    parsed: Json = _format.strict_json(raw, path, key)
     return parsed
 
 

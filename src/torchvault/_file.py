@@ -132,7 +132,7 @@ def load(
         if verify and not lazy:
             contents.verify_data(mapping)
         table = contents.table(mapping, map_location)
-        return _tree.decode(contents.tree, table.get)
+        return contents.decode(table.get)
 
 
 @contextlib.contextmanager
@@ -177,7 +177,7 @@ def inspect(path: PathLike) -> CheckpointInfo:
 
 def _tensor_infos(contents: Contents) -> tuple[TensorInfo, ...]:
     table = contents.table(None)
-    tree = _tree.decode(contents.tree, _Ref)
+    tree = contents.decode(_Ref)
     infos = []
     for key, leaf in _tree.flatten(tree):
         if isinstance(leaf, _Ref):
@@ -214,7 +214,7 @@ def verify(path: PathLike) -> VerifyReport:
     table = contents.table(mapping)
     for index in range(len(table)):
         table.get(index)  # builds every view: checks its dtype, shape, stride and bounds
-    tree = _tree.decode(contents.tree, table.get)
+    tree = contents.decode(table.get)
     tensors = sum(
         1 for _, leaf in _tree.flatten(tree) if isinstance(leaf, torch.Tensor | np.ndarray)
     )

@@ -37,11 +37,15 @@ from .errors import CorruptCheckpointError, UnsupportedTypeError
 MapLocation = str | torch.device | Mapping[str, str] | None
 _ALIGN = 16  # bytes a shared span is rounded down to, so every view offset stays aligned
 _DEVICE_RE = re.compile(r"[a-z_]{1,32}(:[0-9]{1,6})?")
-_NP_RE = re.compile(r"[<>|=][a-z][0-9]{1,2}")
 _ENTRY_KEYS = {"s", "dtype", "shape", "stride", "offset", "param", "grad", "device", "np"}
 _PLAIN = {"s", "dtype", "shape"}
 _NO_FIELDS: dict[str, Any] = {}
 _CPU = torch.device("cpu")
+_NUMPY_ANY_ORDER = {
+    dtype.newbyteorder(order).str: dtype.newbyteorder(order)
+    for dtype in _dtypes.NUMPY_DTYPES.values()
+    for order in ("<", ">")
+}
 
 
 @dataclass
@@ -259,7 +263,8 @@ class TensorTable:
             return dtype, blob.shape, entry, _NO_FIELDS
         if not isinstance(entry, dict) or not entry.keys() <= _ENTRY_KEYS:
             raise self._corrupt(index, "is not a valid table entry")
-        dtype = _dtypes.STORABLE.get(entry.get("dtype"))  # type: ignore[arg-type]
+        name = entry.get("dtype")
+        dtype = _dtypes.STORABLE.get(name) if isinstance(name, str) else None
         shape = entry.get("shape")
         if dtype is None or not _dims(shape):
             raise self._corrupt(index, "has an unknown dtype or a malformed shape")
@@ -308,7 +313,7 @@ class TensorTable:
         shape: tuple[int, ...],
     ) -> torch.Tensor:
         stride, offset, size = entry.get("stride"), entry.get("offset"), dtype.itemsize
-        if not _dims(stride) or len(stride) != len(shape) or not isinstance(offset, int):
+        if not _dims(stride) or len(stride) != len(shape) or type(offset) is not int:
             raise self._corrupt(index, "has a malformed stride or offset")
         numel = math.prod(shape)
         extent = (
@@ -334,13 +339,8 @@ class TensorTable:
             raise self._corrupt(index, f"asks for gradients on a {tensor.dtype} tensor") from exc
 
     def _numpy(self, index: int, name: object, tensor: torch.Tensor) -> object:
-        if not isinstance(name, str) or not _NP_RE.fullmatch(name):
-            raise self._corrupt(index, "has a malformed numpy dtype")
-        wanted = np.dtype(name)
-        if (
-            _dtypes.NUMPY_DTYPES.get(wanted.newbyteorder("<").str) is None
-            or tensor.device.type != "cpu"
-        ):
+        wanted = _NUMPY_ANY_ORDER.get(name) if isinstance(name, str) else None
+        if wanted is None or tensor.device.type != "cpu":
             raise self._corrupt(index, f"has numpy dtype {name!r}, which torchvault never writes")
         array = tensor.numpy()
         if array.dtype.newbyteorder("<") != wanted.newbyteorder("<"):
@@ -348,14 +348,24 @@ class TensorTable:
         return array if array.dtype == wanted else array.astype(wanted)
 
     def _target(self, saved: object, index: int) -> torch.device:
-        device: torch.device | None = self._devices.get(saved)  # type: ignore[call-overload]
+        if not isinstance(saved, str):
+            raise self._corrupt(index, "has a malformed device")
+        device = self._devices.get(saved)
         if device is None:
-            if not isinstance(saved, str) or not _DEVICE_RE.fullmatch(saved):
+            if not _DEVICE_RE.fullmatch(saved):
                 raise self._corrupt(index, "has a malformed device")
             where = self._map_location
             if isinstance(where, Mapping):
                 where = where.get(saved, saved)
-            device = self._devices[saved] = torch.device(saved if where is None else where)
+            try:
+                device = torch.device(saved if where is None else where)
+            except RuntimeError as exc:
+                raise self._corrupt(
+                    index,
+                    f"was saved from device {saved!r}, which this "
+                    "torch does not know; pass map_location",
+                ) from exc
+            self._devices[saved] = device
         return device
 
     def _corrupt(self, index: int, what: str) -> CorruptCheckpointError:
