@@ -12,12 +12,17 @@ from torchvault import errors
 
 PUBLIC = [
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointSummary",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "DtypeCast",
     "LoadReport",
     "RenamedKey",
+    "RestoreMismatchError",
+    "ResumeReport",
+    "RunLockedError",
     "ShapeMismatch",
     "StateDictMismatchError",
     "TensorInfo",
@@ -29,6 +34,7 @@ PUBLIC = [
     "inspect",
     "load",
     "load_into",
+    "retention",
     "save",
     "verify",
 ]
@@ -40,6 +46,8 @@ ERRORS = [
     (tv.UnsupportedTypeError, TypeError),
     (tv.StateDictMismatchError, RuntimeError),
     (tv.CheckpointWriteError, OSError),
+    (tv.RestoreMismatchError, RuntimeError),
+    (tv.RunLockedError, RuntimeError),
 ]
 
 

@@ -7,13 +7,17 @@
 
 from __future__ import annotations
 
+from . import retention
 from ._file import inspect, load, save, verify
 from ._load_into import load_into
+from ._manager import CheckpointManager
 from ._report import (
     CheckpointInfo,
+    CheckpointSummary,
     DtypeCast,
     LoadReport,
     RenamedKey,
+    ResumeReport,
     ShapeMismatch,
     TensorInfo,
     VerifyReport,
@@ -23,6 +27,8 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    RestoreMismatchError,
+    RunLockedError,
     StateDictMismatchError,
     TorchVaultError,
     UnsupportedFormatError,
@@ -31,12 +37,17 @@ from .errors import (
 
 __all__ = [
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointSummary",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "DtypeCast",
     "LoadReport",
     "RenamedKey",
+    "RestoreMismatchError",
+    "ResumeReport",
+    "RunLockedError",
     "ShapeMismatch",
     "StateDictMismatchError",
     "TensorInfo",
@@ -48,6 +59,7 @@ __all__ = [
     "inspect",
     "load",
     "load_into",
+    "retention",
     "save",
     "verify",
 ]

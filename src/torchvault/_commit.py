@@ -166,17 +166,64 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_error(dest: Path, exc: OSError) -> CheckpointWriteError:
+def _write_error(
+    dest: Path,
+    exc: OSError,
+    doing: str = "save",
+    outcome: str = "Nothing was written; any previous file at that path is intact.",
+) -> CheckpointWriteError:
     reason = {
-        errno.ENOSPC: "the disk is full; free space and save again",
-        errno.EDQUOT: "the disk quota is exhausted; free space and save again",
+        errno.ENOSPC: "the disk is full; free space and try again",
+        errno.EDQUOT: "the disk quota is exhausted; free space and try again",
         errno.ENOENT: "the folder does not exist; create it first",
         errno.EACCES: "permission denied; choose a folder you can write to",
         errno.EROFS: "the file system is read-only",
     }.get(exc.errno or 0, f"{exc.strerror or exc}")
     return CheckpointWriteError(
-        f"could not save {dest}: {reason}. Nothing was written; any previous file at that path "
-        "is intact.",
-        path=dest,
-        errno=exc.errno,
+        f"could not {doing} {dest}: {reason}. {outcome}", path=dest, errno=exc.errno
     )
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a file durably (unlink, then fsync its folder); a missing file is fine.
+
+    Raises:
+        CheckpointWriteError: the unlink or the folder fsync failed.
+    """
+    target = Path(path)
+    try:
+        os.unlink(target)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _write_error(target, exc, "delete", "The file is still there.") from exc
+    try:
+        fsync_dir(target.parent)
+    except OSError as exc:
+        raise _write_error(target, exc, "delete", "It may reappear after a power loss.") from exc
+
+
+def make_dirs(path: str | os.PathLike[str]) -> None:
+    """Create a folder and its missing parents durably (each new entry's parent is synced).
+
+    Raises:
+        CheckpointWriteError: a mkdir or fsync failed.
+    """
+    folder = Path(path)
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            os.mkdir(new)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _write_error(new, exc, "create folder", "Nothing was created.") from exc
+        try:
+            fsync_dir(new.parent)
+        except OSError as exc:
+            raise _write_error(
+                new, exc, "create folder", "It may vanish after a power loss."
+            ) from exc

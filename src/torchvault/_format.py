@@ -235,9 +235,9 @@ def _entry(name: str, spec: Any, data_start: int, path: str) -> Entry:
     itemsize = SAFETENSORS_ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
     if itemsize is None:
         raise _corrupt(path, f"its dtype {str(dtype)[:20]!r} is not a known dtype", key=name)
-    if not _int_list(shape, MAX_DIMS):
+    if not int_list(shape, MAX_DIMS):
         raise _corrupt(path, f"its shape is not a list of at most {MAX_DIMS} sizes", key=name)
-    if not _int_list(offsets, 2) or len(offsets) != 2 or offsets[0] > offsets[1]:
+    if not int_list(offsets, 2) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise _corrupt(path, "its data_offsets are not an ordered [begin, end] pair", key=name)
     if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
         raise _corrupt(
@@ -249,7 +249,7 @@ def _entry(name: str, spec: Any, data_start: int, path: str) -> Entry:
     return Entry(name, dtype, tuple(shape), offsets[0] + data_start, offsets[1] + data_start)
 
 
-def _int_list(value: Any, cap: int) -> bool:
+def int_list(value: Any, cap: int) -> bool:
     return (
         type(value) is list and len(value) <= cap and all(type(v) is int and v >= 0 for v in value)
     )
@@ -348,7 +348,7 @@ def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> list[str]:
     """Stream every blob's bytes to ``handle`` (no whole-file buffer); return their checksums."""
     sums = []
     for blob in blobs:
-        flat = _flat_bytes(blob.source)
+        flat = flat_bytes(blob.source)
         if flat.device.type == "cpu" and flat.numel() <= CHUNK:
             view = memoryview(flat.numpy())  # type: ignore[arg-type]
             sums.append(hash_bytes(view))
@@ -362,7 +362,7 @@ def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> list[str]:
     return sums
 
 
-def _flat_bytes(source: torch.Tensor) -> torch.Tensor:
+def flat_bytes(source: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as a 1-D uint8 tensor. ``as_strided`` because torch calls a tensor
     with a size-1 or size-0 dim contiguous whatever its stride, and ``view`` then refuses it."""
     flat = source.contiguous().reshape(-1)

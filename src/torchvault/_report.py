@@ -127,3 +127,48 @@ class LoadReport:
         lines += [f"  cast: {c.key}: {c.file_dtype} -> {c.model_dtype}" for c in self.casts]
         lines += [f"  renamed: {r.source} -> {r.target} ({r.reason})" for r in self.renamed]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ResumeReport:
+    """What :meth:`CheckpointManager.restore` did.
+
+    Attributes:
+        step: the step restored.
+        restored: items loaded in place into the targets given.
+        values: plain values saved with the checkpoint (``epoch=3``), by name.
+        missing: saved items given no target (only with ``strict=False``).
+        unexpected: targets with no saved item (only with ``strict=False``).
+        rng: the random generators restored (python, numpy, torch, cuda).
+        metrics: the metrics saved with the step.
+        metadata: the metadata saved with the step.
+        load_reports: the :class:`LoadReport` of each module item.
+        created: ISO-8601 UTC time of the save.
+        versions: versions of the writer.
+    """
+
+    step: int
+    restored: tuple[str, ...] = ()
+    values: dict[str, object] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    rng: tuple[str, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    load_reports: dict[str, LoadReport] = field(default_factory=dict)
+    created: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """One committed checkpoint of a run, as ``CheckpointManager.list`` and ``torchvault ls``
+    show it."""
+
+    step: int
+    created: str | None
+    metrics: dict[str, float]
+    total_bytes: int
+    new_bytes: int
+    latest: bool
+    best: bool

@@ -9,6 +9,8 @@ would already catch for that kind of failure::
     ├── UnsupportedFormatError(ValueError)           written by a newer torchvault, or not ours
     ├── UnsupportedTypeError(TypeError)              a value the format cannot hold
     ├── StateDictMismatchError(RuntimeError)         load_into found keys or shapes that differ
+    ├── RestoreMismatchError(RuntimeError)           restore found items without a target
+    ├── RunLockedError(RuntimeError)                 another writer holds the run folder
     └── CheckpointWriteError(OSError)                the disk refused a write (ENOSPC, EIO, ...)
 
 Every message says what happened, to which file and key, and how to fix it.
@@ -22,6 +24,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "RestoreMismatchError",
+    "RunLockedError",
     "StateDictMismatchError",
     "TorchVaultError",
     "UnsupportedFormatError",
@@ -85,3 +89,23 @@ class CheckpointWriteError(TorchVaultError, OSError):
         self.errno = errno
         self.strerror = message
         self.filename = self.path
+
+
+class RunLockedError(TorchVaultError, RuntimeError):
+    """Another CheckpointManager is writing to this run folder."""
+
+
+class RestoreMismatchError(TorchVaultError, RuntimeError):
+    """``restore`` found saved items without a target, or targets without a saved item.
+
+    Attributes:
+        missing: saved items that were given no target.
+        unexpected: targets the checkpoint has no item for.
+    """
+
+    def __init__(
+        self, message: str, *, missing: tuple[str, ...], unexpected: tuple[str, ...], path: str
+    ) -> None:
+        super().__init__(message, path=path)
+        self.missing = missing
+        self.unexpected = unexpected
