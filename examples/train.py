@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         step = report.step + 1 if report else 0
         print(f"resuming after step {report.step}" if report else "fresh run", flush=True)
         while step < args.steps:
-            for x, y in DataLoader(data, batch_size=16, sampler=sampler):
+            # The loader gets its own generator: each new iterator draws a seed from it, and a
+            # draw from the global one would shift every dropout mask after a mid-epoch resume.
+            loader = DataLoader(data, batch_size=16, sampler=sampler, generator=torch.Generator())
+            for x, y in loader:
                 loss = nn.functional.cross_entropy(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                 scheduler.step()
                 if step % args.every == 0:
                     mgr.save(step, metrics={"loss": loss.detach()}, **items)
-                    print(f"step {step} saved, loss {float(loss):.4f}", flush=True)
+                    print(f"step {step} saved, loss {loss.item():.4f}", flush=True)
                 step += 1
                 if step >= args.steps:
                     break
