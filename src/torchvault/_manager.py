@@ -114,8 +114,10 @@ class CheckpointManager:
         """
         self.wait()
         if step in self._records:
-            raise ValueError(f"step {step} is already committed in {self._store.root}; "
-                             "save each step once (resume from report.step + 1).")  # fmt: skip
+            raise ValueError(
+                f"step {step} is already committed in {self._store.root}; "
+                "save each step once (resume from report.step + 1)."
+            )
         numbers = {name: float(value) for name, value in (metrics or {}).items()}
         kinds = {name: "state" if _stateful(item) else "value" for name, item in items.items()}
         state = {
@@ -297,8 +299,10 @@ def resolve(store: RunStore, step: StepRef) -> int | None:
     steps = store.steps()
     if isinstance(step, int):
         if step not in steps:
-            raise CheckpointNotFoundError(f"step {step} is not committed in {store.root}; "
-                                          f"committed: {steps[-10:]}.", path=store.root)  # fmt: skip
+            raise CheckpointNotFoundError(
+                f"step {step} is not committed in {store.root}; committed: {steps[-10:]}.",
+                path=store.root,
+            )
         return step
     if not steps:
         return None
@@ -356,8 +360,9 @@ def restore(
     missing = tuple(sorted(stateful - set(items)))
     unexpected = tuple(sorted(set(items) - stateful))
     if strict and (missing or unexpected):
-        raise RestoreMismatchError(_mismatch(path, missing, unexpected), missing=missing,
-                                   unexpected=unexpected, path=path)  # fmt: skip
+        raise RestoreMismatchError(
+            _mismatch(path, missing, unexpected), missing=missing, unexpected=unexpected, path=path
+        )
     reports: dict[str, LoadReport] = {}
     restored = []
     for name, target in items.items():
@@ -405,15 +410,17 @@ def summarize(store: RunStore) -> list[CheckpointSummary]:
     for step in store.steps():
         manifest = store.manifest(step)
         sizes = manifest.get("bytes", {})
-        out.append(CheckpointSummary(
-            step=step,
-            created=manifest.get("created"),
-            metrics=_metrics(manifest, str(store.manifest_path(step))),
-            total_bytes=int(sizes.get("total", 0)),
-            new_bytes=int(sizes.get("new", 0)),
-            latest=step == latest,
-            best=step == best,
-        ))  # fmt: skip
+        out.append(
+            CheckpointSummary(
+                step=step,
+                created=manifest.get("created"),
+                metrics=_metrics(manifest, str(store.manifest_path(step))),
+                total_bytes=int(sizes.get("total", 0)),
+                new_bytes=int(sizes.get("new", 0)),
+                latest=step == latest,
+                best=step == best,
+            )
+        )
     return out
 
 
