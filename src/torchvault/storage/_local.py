@@ -1,0 +1,84 @@
+"""A run folder on a local (or network) file system, through the one commit protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .. import _commit
+from .._lock import RunLock
+
+
+class LocalStorage:
+    """Objects are files under ``root``; names map to relative paths.
+
+    Writes go through ``torchvault._commit`` (temp file beside the destination, fsync, rename,
+    folder fsync), so atomicity and durability live in one place.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def _path(self, name: str) -> Path:
+        parts = name.split("/")
+        if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"invalid object name {name!r}")
+        return self.root.joinpath(*parts)
+
+    def put(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
+        path = self._path(name)
+        _commit.make_dirs(path.parent)
+        with _commit.atomic_file(path) as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+
+    def get(self, name: str, *, limit: int) -> bytes:
+        with open(self._path(name), "rb") as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"{self.describe(name)} is larger than {limit} bytes")
+        return data
+
+    def map(self, name: str) -> memoryview:
+        with open(self._path(name), "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return memoryview(bytearray())
+            return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY))
+
+    def size(self, name: str) -> int | None:
+        try:
+            return self._path(name).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def list(self, prefix: str) -> list[str]:
+        folder = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        if not folder.is_dir():
+            return []
+        return sorted(
+            path.relative_to(self.root).as_posix()
+            for path in folder.rglob("*")
+            if path.is_file() and _commit.TEMP_MARK not in path.name
+        )
+
+    def delete(self, name: str) -> None:
+        _commit.remove(self._path(name))
+
+    def clean(self) -> None:
+        for path in self.root.rglob(f"*{_commit.TEMP_MARK}*"):
+            _commit.remove(path)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        held = RunLock(self.root / "lock")
+        try:
+            yield
+        finally:
+            held.release()
+
+    def describe(self, name: str) -> str:
+        return str(self._path(name))
