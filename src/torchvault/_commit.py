@@ -204,26 +204,43 @@ def remove(path: str | os.PathLike[str]) -> None:
 
 
 def make_dirs(path: str | os.PathLike[str]) -> None:
-    """Create a folder and its missing parents durably (each new entry's parent is synced).
+    """Make sure a folder and its parents exist durably.
+
+    Each new folder's parent is synced. An existing folder's parent is synced too, once per
+    process: a killed writer may have created the folder without syncing it, and a file saved
+    into it would vanish with it at a power loss.
 
     Raises:
         CheckpointWriteError: a mkdir or fsync failed.
     """
     folder = Path(path)
+    if folder in _durable_dirs and folder.is_dir():
+        return
     missing = []
     while not folder.is_dir():
         missing.append(folder)
         folder = folder.parent
+    if folder not in _durable_dirs:
+        _sync_entry(folder)
     for new in reversed(missing):
         try:
             os.mkdir(new)
         except FileExistsError:
-            continue
+            pass
         except OSError as exc:
             raise _write_error(new, exc, "create folder", "Nothing was created.") from exc
-        try:
-            fsync_dir(new.parent)
-        except OSError as exc:
-            raise _write_error(
-                new, exc, "create folder", "It may vanish after a power loss."
-            ) from exc
+        _sync_entry(new)
+
+
+def _sync_entry(folder: Path) -> None:
+    """Make ``folder``'s entry in its parent durable, and remember that it is."""
+    try:
+        fsync_dir(folder.parent)
+    except OSError as exc:
+        raise _write_error(
+            folder, exc, "create folder", "It may vanish after a power loss."
+        ) from exc
+    _durable_dirs.add(folder)
+
+
+_durable_dirs: set[Path] = set()  # folders whose entry this process has made durable
