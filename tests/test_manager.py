@@ -163,7 +163,7 @@ def test_temp_files_of_an_interrupted_save_are_removed_by_the_next_writer(tmp_pa
     run = tmp_path / "run"
     tv.CheckpointManager(run).close()
     leftover = run / "objects" / f".x{_commit.TEMP_MARK}host-1-abc"
-    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.parent.mkdir(exist_ok=True)
     leftover.write_bytes(b"partial")
     tv.CheckpointManager(run).close()
     assert not leftover.exists()
@@ -272,6 +272,7 @@ def test_files_it_did_not_write_are_never_deleted(tmp_path: Path) -> None:
     tv.CheckpointManager(run).close()
     mine = [run / "notes.txt", run / "objects" / "README", run / "checkpoints" / "keep.json"]
     for path in mine:
+        path.parent.mkdir(exist_ok=True)
         path.write_text("user file")
     with tv.CheckpointManager(run, keep_last=1) as mgr:
         for step in range(3):
@@ -288,3 +289,20 @@ def test_new_files_get_the_usual_mode(tmp_path: Path) -> None:
         os.umask(umask)
     manifest = tmp_path / "run" / "checkpoints" / "step-000000000001.json"
     assert manifest.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_run_can_live_in_memory_storage() -> None:
+    from torchvault.storage import MemoryStorage
+
+    storage, net = MemoryStorage(), model()
+    with tv.CheckpointManager(storage, keep_last=1) as mgr:
+        for step in range(3):
+            with torch.no_grad():
+                net[0].bias.add_(1.0)
+            mgr.save(step, model=net)
+        restored = model(3)
+        assert mgr.restore(model=restored).step == 2  # type: ignore[union-attr]
+        assert mgr.steps == [2]
+    assert torch.equal(restored[0].bias, net[0].bias)
+    with tv.CheckpointManager(storage), pytest.raises(tv.RunLockedError):
+        tv.CheckpointManager(storage)

@@ -13,7 +13,6 @@ import datetime
 import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -23,11 +22,11 @@ from . import _rng, _tree, retention
 from ._file import _gc_paused, save, versions
 from ._format import Blob, flat_bytes
 from ._load_into import load_into
-from ._lock import RunLock
 from ._report import CheckpointSummary, LoadReport, ResumeReport
 from ._store import RunStore, StoredBlob, blobs_of
 from ._tensors import MapLocation, TensorPlan, TensorTable
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreMismatchError
+from .storage import Storage
 
 StepRef = int | Literal["latest", "best"]
 _RNG = "rng"
@@ -38,7 +37,8 @@ class CheckpointManager:
     """Saves a run's state every N steps and restores it exactly, whatever happened between.
 
     Args:
-        directory: the run folder (created if missing).
+        directory: the run folder (created if missing), or any
+            :class:`~torchvault.storage.Storage` (``MemoryStorage()`` for tests).
         keep_last, keep_best, keep_every: retention sugar, combined as a union; with none of
             them (and no ``policy``) every checkpoint is kept. The latest and the best are
             never deleted.
@@ -59,7 +59,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Storage,
         *,
         keep_last: int | None = None,
         keep_best: int | None = None,
@@ -79,10 +79,15 @@ class CheckpointManager:
         )
         self._monitor, self._mode = monitor, mode
         self._store = RunStore(directory)
-        self._lock = RunLock(Path(directory) / "lock")
-        self._store.create()
-        self._store.remove_temp_files()
-        self._records = {step: self._record(step) for step in self._store.steps()}
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(self._store.storage.lock())
+        try:
+            self._store.create()
+            self._store.remove_temp_files()
+            self._records = {step: self._record(step) for step in self._store.steps()}
+        except BaseException:
+            self._lock.close()
+            raise
         self._executor = ThreadPoolExecutor(1, "torchvault-save") if async_save else None
         self._pending: Future[None] | None = None
         self._buffers: list[torch.Tensor] = []
@@ -275,7 +280,7 @@ class CheckpointManager:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            self._lock.release()
+            self._lock.close()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -18,9 +18,7 @@ the xxh3-128 of the bytes after it. Readers take no lock and trust no byte.
 
 from __future__ import annotations
 
-import errno
 import json
-import mmap
 import os
 import re
 from collections.abc import Iterable
@@ -30,9 +28,10 @@ from typing import Any
 
 import torch
 
-from . import _commit, _dtypes, _format
+from . import _dtypes, _format
 from ._format import Blob, Entry
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from .storage import LocalStorage, Storage
 
 RUN_FILE = "torchvault-run.json"
 RUN_FORMAT = 1
@@ -90,33 +89,36 @@ def _corrupt(path: str, what: str) -> CorruptCheckpointError:
 
 
 class RunStore:
-    """Reads and writes one run folder. Writers must hold the run's lock (the manager does)."""
+    """Reads and writes one run folder through a :class:`~torchvault.storage.Storage`.
+    Writers must hold the storage's lock (the manager does); readers need none."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+    def __init__(self, location: str | os.PathLike[str] | Storage) -> None:
+        self.storage: Storage = (
+            location if isinstance(location, Storage) else LocalStorage(location)
+        )
+        self.root: Path = Path(
+            location if not isinstance(location, Storage) else self.storage.describe("")
+        )
 
     # ------------------------------------------------------------------ layout
 
     def object_path(self, digest: str) -> Path:
-        return self.root / "objects" / digest[:2] / digest
+        return Path(self.storage.describe(_object(digest)))
 
     def manifest_path(self, step: int) -> Path:
-        return self.root / "checkpoints" / f"step-{step:012d}.json"
+        return Path(self.storage.describe(_manifest(step)))
 
     def ref_path(self, name: str) -> Path:
-        return self.root / "refs" / f"{name}.json"
+        return Path(self.storage.describe(f"refs/{name}.json"))
 
     # ------------------------------------------------------------------ writing
 
     def create(self) -> None:
-        """Create the folder layout, or check the marker of an existing run."""
-        marker = self.root / RUN_FILE
-        if marker.exists():
-            self._check_marker(marker)
-            return
-        for folder in ("objects", "checkpoints", "refs"):
-            _commit.make_dirs(self.root / folder)
-        self._publish(marker, {"torchvault": "run", "format": RUN_FORMAT})
+        """Mark a new run, or check the marker of an existing one."""
+        if self.exists():
+            self.check()
+        else:
+            self._publish(RUN_FILE, {"torchvault": "run", "format": RUN_FORMAT})
 
     def put(self, blob: Blob) -> tuple[StoredBlob, bool]:
         """Store a blob's bytes unless an identical object exists; return it and whether it
@@ -125,139 +127,135 @@ class RunStore:
         view = memoryview(data.numpy())  # type: ignore[arg-type]
         digest = _format.hash_bytes(view)
         stored = StoredBlob(digest, blob.dtype, blob.shape, blob.nbytes)
-        path = self.object_path(digest)
-        if _size(path) == blob.nbytes:
+        if self.storage.size(_object(digest)) == blob.nbytes:
             return stored, False
-        _commit.make_dirs(path.parent)
-        with _commit.atomic_file(path) as handle:
-            handle.write(view)
+        self.storage.put(_object(digest), [view])
         return stored, True
 
     def commit(self, step: int, manifest: dict[str, Any]) -> None:
         """Publish the manifest of ``step``: from here on the checkpoint exists."""
-        self._publish(self.manifest_path(step), manifest)
+        self._publish(_manifest(step), manifest)
 
     def set_ref(self, name: str, step: int) -> None:
-        self._publish(self.ref_path(name), {"step": step})
+        self._publish(f"refs/{name}.json", {"step": step})
 
-    def _publish(self, path: Path, document: dict[str, Any]) -> None:
-        with _commit.atomic_file(path) as handle:
-            handle.write(seal(document))
+    def _publish(self, name: str, document: dict[str, Any]) -> None:
+        self.storage.put(name, [seal(document)])
 
     def delete(self, step: int) -> None:
         """Delete a checkpoint's manifest (its objects go with :meth:`collect_garbage`)."""
-        _commit.remove(self.manifest_path(step))
+        self.storage.delete(_manifest(step))
 
     def collect_garbage(self, keep: Iterable[str]) -> int:
-        """Delete every object not in ``keep``; return the bytes freed. Only files named like
-        objects are touched."""
+        """Delete every object not in ``keep``; return the bytes freed. Only names shaped
+        like objects are touched."""
         wanted = set(keep)
         freed = 0
-        for path in self._object_files():
-            if path.name not in wanted:
-                freed += _size(path)
-                _commit.remove(path)
+        for name, digest in self._objects():
+            if digest not in wanted:
+                freed += self.storage.size(name) or 0
+                self.storage.delete(name)
         return freed
 
     def remove_temp_files(self) -> None:
-        """Delete temp files of interrupted saves (only the lock holder may call this)."""
-        for path in self.root.rglob(f"*{_commit.TEMP_MARK}*"):
-            _commit.remove(path)
+        """Delete leftovers of interrupted saves (only the lock holder may call this)."""
+        self.storage.clean()
 
     # ------------------------------------------------------------------ reading
 
     def exists(self) -> bool:
-        return (self.root / RUN_FILE).is_file()
+        return self.storage.size(RUN_FILE) is not None
 
     def steps(self) -> list[int]:
         """Every committed step, ascending."""
-        folder = self.root / "checkpoints"
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return []
-        found = (_STEP_FILE.fullmatch(name) for name in names)
+        names = self.storage.list("checkpoints/")
+        found = (_STEP_FILE.fullmatch(name.removeprefix("checkpoints/")) for name in names)
         return sorted(int(match[1]) for match in found if match)
 
     def manifest(self, step: int) -> dict[str, Any]:
         """The checked manifest of ``step``."""
-        path = self.manifest_path(step)
-        document = unseal(self._read(path), str(path))
+        document = self._document(_manifest(step))
         if document.get("step") != step:
             raise _corrupt(
-                str(path), f"it is named for step {step} but says {document.get('step')!r}"
+                self.storage.describe(_manifest(step)),
+                f"it is named for step {step} but says {document.get('step')!r}",
             )
         return document
 
     def ref(self, name: str) -> int | None:
         """The step a pointer file names, or None when there is none."""
-        path = self.ref_path(name)
-        if not path.exists():
+        key = f"refs/{name}.json"
+        if self.storage.size(key) is None:
             return None
-        step = unseal(self._read(path), str(path)).get("step")
+        step = self._document(key).get("step")
         if type(step) is not int or step < 0:
-            raise _corrupt(str(path), "it does not name a step")
+            raise _corrupt(self.storage.describe(key), "it does not name a step")
         return step
 
     def referenced(self) -> set[str]:
         """The digests of every object some committed manifest refers to."""
         digests: set[str] = set()
         for step in self.steps():
-            digests.update(
-                blob.digest for blob in blobs_of(self.manifest(step), str(self.manifest_path(step)))
-            )
+            where = self.storage.describe(_manifest(step))
+            digests.update(blob.digest for blob in blobs_of(self.manifest(step), where))
         return digests
 
     def map_object(self, blob: StoredBlob, *, verify: bool = True) -> torch.Tensor:
         """The object's bytes as a uint8 tensor on a private map, checked against its digest."""
-        path = self.object_path(blob.digest)
+        name = _object(blob.digest)
+        where = self.storage.describe(name)
+        try:
+            view = self.storage.map(name)
+        except FileNotFoundError as exc:
+            raise _corrupt(where, "a manifest refers to this object but it is missing") from exc
+        if len(view) != blob.nbytes:
+            raise _corrupt(where, f"the object is {len(view)} bytes, not {blob.nbytes}")
+        if verify and _format.hash_bytes(view) != blob.digest:
+            raise _corrupt(where, "the object's bytes do not match its name (checksum)")
         if blob.nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
-        try:
-            with open(path, "rb") as handle:
-                if os.fstat(handle.fileno()).st_size != blob.nbytes:
-                    raise _corrupt(str(path), f"the object is not {blob.nbytes} bytes long")
-                mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        except FileNotFoundError as exc:
-            raise _corrupt(str(path), "a manifest refers to this object but it is missing") from exc
-        if verify and _format.hash_bytes(memoryview(mapping)) != blob.digest:
-            raise _corrupt(str(path), "the object's bytes do not match its name (checksum)")
-        return torch.frombuffer(mapping, dtype=torch.uint8)
+        return torch.frombuffer(view, dtype=torch.uint8)
 
     def object_bytes(self) -> int:
-        return sum(_size(path) for path in self._object_files())
+        return sum(self.storage.size(name) or 0 for name, _ in self._objects())
 
-    def _object_files(self) -> list[Path]:
-        folder = self.root / "objects"
-        if not folder.is_dir():
-            return []
-        return [
-            p
-            for p in folder.glob("??/*")
-            if _OBJECT.fullmatch(p.name) and p.parent.name == p.name[:2]
-        ]
+    def _objects(self) -> list[tuple[str, str]]:
+        names = self.storage.list("objects/")
+        return [(n, n[-32:]) for n in names if _OBJECT.fullmatch(n[-32:]) and n == _object(n[-32:])]
 
-    def _read(self, path: Path) -> bytes:
+    def _document(self, name: str) -> dict[str, Any]:
+        where = self.storage.describe(name)
         try:
-            with open(path, "rb") as handle:
-                raw = handle.read(_MAX_JSON + 1)
+            raw = self.storage.get(name, limit=_MAX_JSON)
         except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"{path} does not exist.", path=path) from exc
-        if len(raw) > _MAX_JSON:
-            raise _corrupt(str(path), f"it is larger than {_MAX_JSON} bytes")
-        return raw
+            raise CheckpointNotFoundError(f"{where} does not exist.", path=where) from exc
+        except ValueError as exc:
+            raise _corrupt(where, str(exc)) from exc
+        return unseal(raw, where)
 
-    def _check_marker(self, marker: Path) -> None:
-        document = unseal(self._read(marker), str(marker))
+    def check(self) -> None:
+        """Check the run marker: a torchvault run of a format this version reads."""
+        document = self._document(RUN_FILE)
         version = document.get("format")
         if document.get("torchvault") != "run" or type(version) is not int:
-            raise _corrupt(str(marker), "it is not a torchvault run marker")
+            raise _corrupt(self.storage.describe(RUN_FILE), "it is not a torchvault run marker")
         if version > RUN_FORMAT:
             raise UnsupportedFormatError(
                 f"{self.root} was written by a newer torchvault (run format {version}); "
                 "upgrade with `pip install -U torchvault`.",
                 path=self.root,
             )
+
+    def _check_marker(self, _marker: object = None) -> None:
+        self.check()  # kept for the CLI's current call
+
+
+def _object(digest: str) -> str:
+    return f"objects/{digest[:2]}/{digest}"
+
+
+def _manifest(step: int) -> str:
+    return f"checkpoints/step-{step:012d}.json"
 
 
 def blobs_of(manifest: dict[str, Any], path: str) -> list[StoredBlob]:
@@ -286,12 +284,3 @@ def blobs_of(manifest: dict[str, Any], path: str) -> list[StoredBlob]:
             raise _corrupt(path, f"object {digest} of shape {shape} does not hold {nbytes} bytes")
         out.append(StoredBlob(digest, dtype, tuple(shape), nbytes))
     return out
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-            return -1
-        raise
