@@ -18,17 +18,24 @@ from typing import Any, Literal
 
 import torch
 
-from . import _rng, _tree, retention
+from . import _format, _rng, _tree, retention
 from ._file import _gc_paused, save, versions
 from ._format import Blob, flat_bytes
 from ._load_into import load_into
 from ._report import CheckpointSummary, LoadReport, ResumeReport
-from ._store import RunStore, StoredBlob, blobs_of
+from ._store import RunStore, blobs_of
 from ._tensors import MapLocation, TensorPlan, TensorTable
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreMismatchError
+from .errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    RestoreMismatchError,
+    TorchVaultError,
+)
 from .storage import Storage
 
 StepRef = int | Literal["latest", "best"]
+_NOTHING = torch.empty(0, dtype=torch.uint8)
 _RNG = "rng"
 _ITEMS = "items"
 
@@ -85,6 +92,10 @@ class CheckpointManager:
             self._store.create()
             self._store.remove_temp_files()
             self._records = {step: self._record(step) for step in self._store.steps()}
+            self._best_ref = _readable_ref(self._store, "best")
+            latest = self.latest_step
+            if latest is not None and _readable_ref(self._store, "latest") != latest:
+                self._store.set_ref("latest", latest)  # a save killed before its pointer
         except BaseException:
             self._lock.close()
             raise
@@ -115,7 +126,8 @@ class CheckpointManager:
 
         Raises:
             ValueError: ``step`` is already committed.
-            CheckpointWriteError: the disk refused; nothing was committed.
+            CheckpointWriteError: the disk refused. Unless the message says the step is
+                committed, nothing was; either way earlier checkpoints are intact.
         """
         self.wait()
         if step in self._records:
@@ -147,40 +159,71 @@ class CheckpointManager:
         if self._executor is None:
             self._write(step, manifest, blobs, numbers)
             return
-        staged = self._stage(blobs)
-        self._pending = self._executor.submit(self._write, step, manifest, staged, numbers)
+        staged, digests = self._stage(blobs)
+        self._pending = self._executor.submit(self._write, step, manifest, staged, numbers, digests)
 
-    def _stage(self, blobs: list[Blob]) -> list[Blob]:
-        """Copy every blob into a reused CPU buffer, so training may change the originals."""
+    def _stage(self, blobs: list[Blob]) -> tuple[list[Blob], list[str | None]]:
+        """Make the save independent of the live tensors before ``save`` returns.
+
+        Blobs whose bytes an object of the run already holds (hashed here, straight from
+        tensor memory) are passed on by digest alone; the others are copied into reused CPU
+        buffers, so training may change the originals at once.
+        """
+        known = set().union(*(digests for _, digests in self._records.values()))
         del self._buffers[len(blobs) :]
-        staged = []
+        staged: list[Blob] = []
+        digests: list[str | None] = []
         for i, blob in enumerate(blobs):
-            if i == len(self._buffers):
-                self._buffers.append(torch.empty(0, dtype=torch.uint8))
+            source = flat_bytes(blob.source)
+            digest = None
+            if source.device.type == "cpu":
+                digest = _format.hash_bytes(memoryview(source.numpy()))  # type: ignore[arg-type]
+            if digest in known:
+                staged.append(blob._replace(source=_NOTHING))
+                digests.append(digest)
+                continue
+            if i >= len(self._buffers):
+                self._buffers.extend([_NOTHING] * (i + 1 - len(self._buffers)))
             if self._buffers[i].numel() != blob.nbytes:
                 self._buffers[i] = torch.empty(blob.nbytes, dtype=torch.uint8)
-            self._buffers[i].copy_(flat_bytes(blob.source))
+            self._buffers[i].copy_(source)
             staged.append(blob._replace(source=self._buffers[i]))
-        return staged
+            digests.append(None)
+        return staged, digests
 
     def _write(
-        self, step: int, manifest: dict[str, Any], blobs: list[Blob], numbers: dict[str, float]
+        self,
+        step: int,
+        manifest: dict[str, Any],
+        blobs: list[Blob],
+        numbers: dict[str, float],
+        digests: list[str | None] | None = None,
     ) -> None:
-        stored: list[StoredBlob] = []
-        new = 0
-        for blob in blobs:
-            entry, written = self._store.put(blob)
-            stored.append(entry)
-            new += entry.nbytes if written else 0
+        stored, new = self._store.put_all(blobs, digests)
         manifest["blobs"] = [[b.digest, b.dtype, list(b.shape), b.nbytes] for b in stored]
         manifest["bytes"] = {"total": sum(b.nbytes for b in stored), "new": new}
-        self._store.commit(step, manifest)
+        try:
+            self._store.commit(step, manifest)
+        except CheckpointWriteError:
+            if not self._store.committed(step):
+                raise
+            self._records[step] = (numbers, {b.digest for b in stored})
+            raise  # committed, but its folder sync failed: the message says so
         self._records[step] = (numbers, {b.digest for b in stored})
-        self._store.set_ref("latest", step)
-        best = self.best_step
-        if best is not None and best != self._store.ref("best"):
-            self._store.set_ref("best", best)
-        self._prune(dry_run=False)
+        try:
+            self._store.set_ref("latest", step)
+            best = self.best_step
+            if self._monitor is not None and best is not None and best != self._best_ref:
+                self._store.set_ref("best", best)
+                self._best_ref = best
+            self._prune(dry_run=False)
+        except (OSError, TorchVaultError) as exc:
+            raise CheckpointWriteError(
+                f"step {step} is committed and restore() will find it, but updating the "
+                f"run's pointers or retention failed afterwards: {exc}",
+                path=self._store.root,
+                errno=getattr(exc, "errno", None),
+            ) from exc
 
     def wait(self) -> None:
         """Block until the save in flight (``async_save``) is committed; raise its error."""
@@ -222,9 +265,10 @@ class CheckpointManager:
 
     @property
     def best_step(self) -> int | None:
-        """The best step by ``monitor`` (the latest when no monitor was given)."""
+        """The best step by ``monitor``; without a monitor, the step the run's ``best``
+        pointer names (set by an earlier manager that had one), if it is still committed."""
         if self._monitor is None:
-            return self.latest_step
+            return self._best_ref if self._best_ref in self._records else None
         records = [
             retention.CheckpointRecord(step, m) for step, (m, _) in sorted(self._records.items())
         ]
@@ -311,11 +355,13 @@ def resolve(store: RunStore, step: StepRef) -> int | None:
         return step
     if not steps:
         return None
+    if step == "latest":
+        return steps[-1]  # the pointer is written after the commit: it can only lag behind
     with contextlib.suppress(CorruptCheckpointError):
         named = store.ref(step)
         if named in steps:
             return named
-    return steps[-1]  # a missing or damaged pointer: the newest committed checkpoint
+    return steps[-1]  # a missing or damaged best pointer: the newest committed checkpoint
 
 
 def load_tree(
@@ -341,6 +387,16 @@ def load_tree(
             state = _tree.decode(manifest.get("tree"), table.get)
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"{path}: {exc.message}", path=path, key=exc.key) from exc
+        except CheckpointNotFoundError as exc:
+            if step not in store.steps():
+                raise CheckpointNotFoundError(
+                    f"step {step} of {store.root} was pruned while it was being read.", path=path
+                ) from exc
+            raise CorruptCheckpointError(
+                f"{path}: it refers to an object that is missing ({exc.message}); the run "
+                "folder is damaged.",
+                path=path,
+            ) from exc
     if not isinstance(state, dict) or not isinstance(state.get(_ITEMS), dict):
         raise CorruptCheckpointError(f"{path}: it holds no items.", path=path)
     return manifest, state
@@ -403,7 +459,10 @@ def export(
     _, state = load_tree(store, chosen)
     items = state[_ITEMS]
     if item is not None and item not in items:
-        raise KeyError(f"step {chosen} has no item {item!r}; it has {sorted(items)}")
+        raise CheckpointNotFoundError(
+            f"step {chosen} of {store.root} has no item {item!r}; its items: {sorted(items)}.",
+            path=store.root,
+        )
     metadata = {"run": str(store.root), "step": str(chosen)}
     save(items[item] if item is not None else items, path, metadata=metadata)
 
@@ -413,7 +472,10 @@ def summarize(store: RunStore) -> list[CheckpointSummary]:
     latest, best = resolve(store, "latest"), resolve(store, "best")
     out = []
     for step in store.steps():
-        manifest = store.manifest(step)
+        try:
+            manifest = store.manifest(step)
+        except CheckpointNotFoundError:
+            continue  # pruned by the writer since steps() listed it
         sizes = manifest.get("bytes", {})
         out.append(
             CheckpointSummary(
@@ -440,6 +502,13 @@ def _metrics(manifest: dict[str, Any], path: str) -> dict[str, float]:
 
 def _no_tensors(*_: object) -> Any:
     raise CorruptCheckpointError("metrics hold numbers only, not tensors")
+
+
+def _readable_ref(store: RunStore, name: str) -> int | None:
+    try:
+        return store.ref(name)
+    except CorruptCheckpointError:
+        return None  # a damaged pointer is rewritten by the next save
 
 
 def _stateful(item: object) -> bool:

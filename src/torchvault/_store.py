@@ -4,7 +4,7 @@ Layout::
 
     RUN/
       torchvault-run.json                 format marker of the folder
-      objects/ab/ab12...ef                one file per distinct tensor byte string, named by
+      objects/ab12...ef                   one file per distinct tensor byte string, named by
                                           the xxh3-128 of its bytes (dedup key and checksum)
       checkpoints/step-000000001200.json  the manifest: tree, tensor table, object list
       refs/latest.json  refs/best.json    {"step": 1200}, replaced atomically
@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,17 +120,42 @@ class RunStore:
         else:
             self._publish(RUN_FILE, {"torchvault": "run", "format": RUN_FORMAT})
 
-    def put(self, blob: Blob) -> tuple[StoredBlob, bool]:
-        """Store a blob's bytes unless an identical object exists; return it and whether it
-        was written."""
-        data = _format.flat_bytes(blob.source).to("cpu")
-        view = memoryview(data.numpy())  # type: ignore[arg-type]
-        digest = _format.hash_bytes(view)
-        stored = StoredBlob(digest, blob.dtype, blob.shape, blob.nbytes)
-        if self.storage.size(_object(digest)) == blob.nbytes:
-            return stored, False
-        self.storage.put(_object(digest), [view])
-        return stored, True
+    def put_all(
+        self, blobs: list[Blob], digests: list[str | None] | None = None
+    ) -> tuple[list[StoredBlob], int]:
+        """Store every blob whose bytes no object holds yet; return all of them as stored,
+        and the bytes written. Each blob is hashed straight from its tensor's memory (GPU
+        tensors are copied to the CPU one at a time), and new objects are published in one
+        batch (:meth:`Storage.put_many`). A blob given with its digest must already be stored
+        (an async save passes unchanged tensors so, without their bytes)."""
+        stored: list[StoredBlob] = []
+        written = 0
+
+        def new_objects() -> Iterator[tuple[str, list[memoryview]]]:
+            nonlocal written
+            seen: set[str] = set()
+            for i, blob in enumerate(blobs):
+                known = digests[i] if digests else None
+                if known is not None:
+                    if self.storage.size(_object(known)) != blob.nbytes:
+                        raise _corrupt(
+                            self.storage.describe(_object(known)),
+                            "the object vanished while an asynchronous save was in flight",
+                        )
+                    stored.append(StoredBlob(known, blob.dtype, blob.shape, blob.nbytes))
+                    continue
+                data = _format.flat_bytes(blob.source).to("cpu")
+                view = memoryview(data.numpy())  # type: ignore[arg-type]
+                digest = _format.hash_bytes(view)
+                stored.append(StoredBlob(digest, blob.dtype, blob.shape, blob.nbytes))
+                if digest in seen or self.storage.size(_object(digest)) == blob.nbytes:
+                    continue
+                seen.add(digest)
+                written += blob.nbytes
+                yield _object(digest), [view]
+
+        self.storage.put_many(new_objects())
+        return stored, written
 
     def commit(self, step: int, manifest: dict[str, Any]) -> None:
         """Publish the manifest of ``step``: from here on the checkpoint exists."""
@@ -162,6 +187,10 @@ class RunStore:
         self.storage.clean()
 
     # ------------------------------------------------------------------ reading
+
+    def committed(self, step: int) -> bool:
+        """Whether the manifest of ``step`` is in place."""
+        return self.storage.size(_manifest(step)) is not None
 
     def exists(self) -> bool:
         return self.storage.size(RUN_FILE) is not None
@@ -207,7 +236,7 @@ class RunStore:
         try:
             view = self.storage.map(name)
         except FileNotFoundError as exc:
-            raise _corrupt(where, "a manifest refers to this object but it is missing") from exc
+            raise CheckpointNotFoundError(f"{where} is missing.", path=where) from exc
         if len(view) != blob.nbytes:
             raise _corrupt(where, f"the object is {len(view)} bytes, not {blob.nbytes}")
         if verify and _format.hash_bytes(view) != blob.digest:
@@ -251,7 +280,7 @@ class RunStore:
 
 
 def _object(digest: str) -> str:
-    return f"objects/{digest[:2]}/{digest}"
+    return f"objects/{digest}"
 
 
 def _manifest(step: int) -> str:

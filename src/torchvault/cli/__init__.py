@@ -4,7 +4,20 @@ Usage::
 
     torchvault inspect model.tv [--json]   # tensors, sizes, versions, metadata
     torchvault verify model.tv [--json]    # structure and every checksum
+    torchvault ls RUN [--json]             # a run's checkpoints, sizes, latest and best
+    torchvault diff A B [--json] [--atol X] [--item NAME] [--exit-code]
+                                           # A, B: files or RUN@STEP (N, latest, best)
+    torchvault prune RUN [--keep-last N] [--keep-best K --monitor M [--mode min|max]]
+                         [--keep-every N] [--dry-run] [--json]
+    torchvault export RUN [--step latest|best|N] OUT [--item NAME]
     torchvault --version
+
+``RUN`` is a run folder, the directory given to ``tv.CheckpointManager``. ``ls``, ``diff``,
+``export`` and ``prune --dry-run`` only read: they take no lock and work while a trainer
+writes the run. ``prune`` takes the run's writer lock; while a trainer holds it, prune
+deletes nothing and exits 1. ``prune`` with no policy flag is a usage error (exit 2). ``diff``
+exits 0 whether or not the checkpoints differ, unless ``--exit-code`` is given: then 1 means
+they differ. Long operations draw a progress bar on stderr when it is a terminal.
 
 Exit codes::
 
@@ -29,8 +42,9 @@ import sys
 import torch
 
 from .._version import __version__
+from . import _run_commands  # noqa: F401  (registers ls, diff, prune, export)
 from ._commands import COMMANDS, Command
-from ._exit import EPILOG, ExitCode, report
+from ._exit import EPILOG, ExitCode, UsageError, one_line, report
 
 __all__ = ["main"]
 
@@ -56,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits for --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     try:
-        code = int(args.run(args))
+        code = int(args.command.run(args))
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    except UsageError as exc:
+        args.parser.print_usage(sys.stderr)
+        print(f"{args.parser.prog}: error: {one_line(str(exc))}", file=sys.stderr)
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
@@ -72,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subparser per registered command."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Inspect and verify torchvault and safetensors checkpoints.",
+        description="Inspect, verify and compare torchvault and safetensors checkpoints; "
+        "list, prune and export the checkpoints of a training run.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -94,13 +113,14 @@ def _add_command(
     sub = commands.add_parser(
         command.name,
         help=command.summary,
-        description=command.summary,
+        description=command.description,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for argument in command.arguments:
         argument.add_to(sub)
-    sub.set_defaults(run=command.run)
+    # Under names no argument uses (a RUN positional is `args.run`).
+    sub.set_defaults(command=command, parser=sub)
 
 
 def _quiet_broken_pipe() -> int:

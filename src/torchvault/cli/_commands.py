@@ -14,6 +14,7 @@ The first line of the function's docstring is its one-line help.
 from __future__ import annotations
 
 import argparse
+import inspect as inspect_module
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -52,6 +53,11 @@ class Command:
     def summary(self) -> str:
         """The first line of the function's docstring."""
         return (self.run.__doc__ or "").strip().splitlines()[0]
+
+    @property
+    def description(self) -> str:
+        """The function's whole docstring, for the command's ``--help``."""
+        return inspect_module.cleandoc(self.run.__doc__ or "")
 
 
 COMMANDS: dict[str, Command] = {}

@@ -35,8 +35,15 @@ EPILOG = "exit codes:\n" + "\n".join(f"  {int(code):>3}  {text}" for code, text 
 DEBUG_VARIABLE = "TORCHVAULT_DEBUG"
 
 
+class UsageError(Exception):
+    """A command line the parser accepted but the command refuses (exit 2): raised by a
+    command, printed with the command's usage line."""
+
+
 def code_for(exc: Exception) -> ExitCode:
     """The exit code for an exception raised by a command."""
+    if isinstance(exc, UsageError):
+        return ExitCode.USAGE
     # CheckpointNotFoundError and CheckpointWriteError are OSErrors: the disk, not the file.
     if isinstance(exc, OSError):
         return ExitCode.IO

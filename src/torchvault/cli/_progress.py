@@ -163,6 +163,8 @@ def _columns(stream: TextIO) -> int:
     try:
         columns = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
+        columns = 0
+    if columns <= 0:  # not a terminal, or one that does not know its size: $COLUMNS or 80
         columns = shutil.get_terminal_size().columns
     return max(columns, 20)
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from .._report import CheckpointInfo, VerifyReport
+from .._report import CheckpointInfo, CheckpointSummary, VerifyReport
 from ._exit import one_line
+
+if TYPE_CHECKING:
+    from ._diff import TreeDiff
+    from ._runs import Source
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -116,4 +121,148 @@ def verify_json(result: VerifyReport) -> dict[str, Any]:
         "tensors": result.tensors,
         "checked_bytes": result.checked_bytes,
         "checksummed": result.checksummed,
+    }
+
+
+# ---------------------------------------------------------------------- runs
+
+_METRICS_WIDTH = 48
+
+
+def json_number(value: float) -> float | str:
+    """A float for JSON: non-finite values as the strings ``"nan"``, ``"inf"``, ``"-inf"``
+    (strict JSON has no literal for them)."""
+    return value if math.isfinite(value) else repr(value)
+
+
+def metrics_text(metrics: Mapping[str, float]) -> str:
+    """``loss=0.3124 acc=0.91``, in saved order, cut to one table cell."""
+    text = " ".join(f"{one_line(name)}={value:.4g}" for name, value in metrics.items())
+    return text if len(text) <= _METRICS_WIDTH else text[: _METRICS_WIDTH - 3] + "..."
+
+
+def created_text(created: str | None) -> str:
+    """An ISO-8601 UTC time as ``2024-05-01 12:00:00``."""
+    if not created:
+        return "-"
+    return one_line(created.replace("T", " ").removesuffix("+00:00"))
+
+
+def refs_text(summary: CheckpointSummary) -> str:
+    return " ".join(name for name, on in (("latest", summary.latest), ("best", summary.best)) if on)
+
+
+def ls_text(run: str, checkpoints: Sequence[CheckpointSummary], object_bytes: int) -> str:
+    """The ``torchvault ls`` table and footer."""
+    if not checkpoints:
+        return f"{one_line(run)}: no checkpoints yet"
+    rows = [
+        [
+            str(c.step),
+            created_text(c.created),
+            metrics_text(c.metrics) or "-",
+            human_bytes(c.total_bytes),
+            human_bytes(c.new_bytes),
+            refs_text(c),
+        ]
+        for c in checkpoints
+    ]
+    header = ["step", "created (UTC)", "metrics", "size", "new", "refs"]
+    lines = table(header, rows, right={0, 3, 4})
+    count = len(checkpoints)
+    lines += [
+        "",
+        f"{count} checkpoint{'' if count == 1 else 's'}; {_exact(object_bytes)} of objects "
+        f"on disk in {one_line(run)}",
+    ]
+    return "\n".join(lines)
+
+
+def ls_json(
+    run: str, checkpoints: Sequence[CheckpointSummary], object_bytes: int
+) -> dict[str, Any]:
+    """The ``torchvault ls --json`` object."""
+    return {
+        "run": run,
+        "latest": next((c.step for c in checkpoints if c.latest), None),
+        "best": next((c.step for c in checkpoints if c.best), None),
+        "object_bytes": object_bytes,
+        "checkpoints": [
+            {
+                "step": c.step,
+                "created": c.created,
+                "metrics": {name: json_number(v) for name, v in c.metrics.items()},
+                "total_bytes": c.total_bytes,
+                "new_bytes": c.new_bytes,
+                "latest": c.latest,
+                "best": c.best,
+            }
+            for c in checkpoints
+        ],
+    }
+
+
+# ---------------------------------------------------------------------- diff
+
+
+def diff_number(value: float | None) -> str:
+    if value is None:
+        return "bits differ"
+    return f"{value:.6g}"
+
+
+def diff_text(a: Source, b: Source, result: TreeDiff, atol: float) -> str:
+    """The ``torchvault diff`` report."""
+    lines = [f"--- a: {one_line(a.label())}", f"+++ b: {one_line(b.label())}"]
+    if result.changed:
+        rows = [
+            [
+                one_line(c.key),
+                c.a.describe(),
+                c.b.describe(),
+                diff_number(c.max_abs_diff) if c.reason == "values" else f"{c.reason} differs",
+            ]
+            for c in result.changed
+        ]
+        lines += ["", f"changed ({len(result.changed)}):"]
+        lines += _indent(table(["key", "a", "b", "max abs diff"], rows, right=set()))
+    for title, side, leaves in (("added", "b", result.added), ("removed", "a", result.removed)):
+        if leaves:
+            rows = [[one_line(key), leaf.describe()] for key, leaf in leaves]
+            lines += ["", f"{title} ({len(leaves)}):"]
+            lines += _indent(table(["key", side], rows, right=set()))
+    within = f" (atol {atol:g})" if atol else ""
+    summary = (
+        f"{len(result.changed)} changed{within}, {len(result.added)} added, "
+        f"{len(result.removed)} removed, {result.unchanged} unchanged"
+    )
+    verdict = "identical" if result.identical else "different"
+    lines += ["", f"{verdict}: {summary}"]
+    return "\n".join(lines)
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return [f"  {line}" for line in lines]
+
+
+def diff_json(a: Source, b: Source, result: TreeDiff, atol: float) -> dict[str, Any]:
+    """The ``torchvault diff --json`` object."""
+    return {
+        "a": a.as_json(),
+        "b": b.as_json(),
+        "atol": atol,
+        "identical": result.identical,
+        "changed": [
+            {
+                "key": c.key,
+                "reason": c.reason,
+                "a": c.a.as_json(),
+                "b": c.b.as_json(),
+                "max_abs_diff": None if c.max_abs_diff is None else json_number(c.max_abs_diff),
+            }
+            for c in result.changed
+        ],
+        "added": [{"key": key, **leaf.as_json()} for key, leaf in result.added],
+        "removed": [{"key": key, **leaf.as_json()} for key, leaf in result.removed],
+        "unchanged": result.unchanged,
     }

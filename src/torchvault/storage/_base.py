@@ -21,6 +21,10 @@ class Storage(Protocol):
     def put(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
         """Write object ``name`` from ``chunks``, atomically and durably (replacing any)."""
 
+    def put_many(self, items: Iterable[tuple[str, Iterable[bytes | memoryview]]]) -> None:
+        """Write several new objects; each is atomic, all are durable when this returns.
+        ``items`` may be a generator: it is consumed one object at a time."""
+
     def get(self, name: str, *, limit: int) -> bytes:
         """The object's bytes. Raises FileNotFoundError, or ValueError past ``limit`` bytes."""
 

@@ -35,6 +35,15 @@ class LocalStorage:
             for chunk in chunks:
                 handle.write(chunk)
 
+    def put_many(self, items: Iterable[tuple[str, Iterable[bytes | memoryview]]]) -> None:
+        def paths() -> Iterator[tuple[Path, Iterable[bytes | memoryview]]]:
+            for name, chunks in items:
+                path = self._path(name)
+                _commit.make_dirs(path.parent)
+                yield path, chunks
+
+        _commit.atomic_files(paths())
+
     def get(self, name: str, *, limit: int) -> bytes:
         with open(self._path(name), "rb") as handle:
             data = handle.read(limit + 1)

@@ -24,6 +24,10 @@ class MemoryStorage:
         with self._mutex:
             self._objects[name] = data
 
+    def put_many(self, items: Iterable[tuple[str, Iterable[bytes | memoryview]]]) -> None:
+        for name, chunks in items:
+            self.put(name, chunks)
+
     def get(self, name: str, *, limit: int) -> bytes:
         data = self._read(name)
         if len(data) > limit:
