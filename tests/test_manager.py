@@ -306,3 +306,19 @@ def test_a_run_can_live_in_memory_storage() -> None:
     assert torch.equal(restored[0].bias, net[0].bias)
     with tv.CheckpointManager(storage), pytest.raises(tv.RunLockedError):
         tv.CheckpointManager(storage)
+
+
+def test_async_restore_prepares_the_staging_buffers_of_the_first_save(tmp_path: Path) -> None:
+    net = model()
+    with tv.CheckpointManager(tmp_path / "run", async_save=True) as mgr:
+        assert mgr.restore(model=net) is None  # a fresh run
+        mgr.wait()
+        prepared = [buffer.data_ptr() for buffer in mgr._buffers]
+        assert len(prepared) >= len(net.state_dict())
+        mgr.save(1, model=net)
+        mgr.wait()
+        staged = [buffer.data_ptr() for buffer in mgr._buffers]
+        restored = model(4)
+        mgr.restore(model=restored)
+    assert staged == prepared  # the save copied into the prepared buffers, allocating none
+    assert torch.equal(restored[0].weight, net[0].weight)

@@ -21,7 +21,7 @@ import torch
 
 import torchvault as tv
 from torchvault._commit import TEMP_MARK
-from torchvault._manager import load_tree, resolve, restore
+from torchvault._run import load_tree, resolve, restore
 from torchvault._store import RunStore
 
 TIMEOUT = 60.0

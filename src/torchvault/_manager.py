@@ -14,30 +14,32 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from . import _format, _rng, _tree, retention
-from ._file import _gc_paused, save, versions
+from ._file import _gc_paused, versions
 from ._format import Blob, flat_bytes
-from ._load_into import load_into
-from ._report import CheckpointSummary, LoadReport, ResumeReport
-from ._store import RunStore, blobs_of
-from ._tensors import MapLocation, TensorPlan, TensorTable
-from .errors import (
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-    CorruptCheckpointError,
-    RestoreMismatchError,
-    TorchVaultError,
+from ._report import CheckpointSummary, ResumeReport
+from ._run import (
+    ITEMS,
+    RNG,
+    StepRef,
+    export,
+    metrics_of,
+    no_tensors,
+    readable_ref,
+    restore,
+    stateful,
+    summarize,
 )
+from ._store import RunStore, blobs_of
+from ._tensors import MapLocation, TensorPlan
+from .errors import CheckpointNotFoundError, CheckpointWriteError, TorchVaultError
 from .storage import Storage
 
-StepRef = int | Literal["latest", "best"]
 _NOTHING = torch.empty(0, dtype=torch.uint8)
-_RNG = "rng"
-_ITEMS = "items"
 
 
 class CheckpointManager:
@@ -92,9 +94,9 @@ class CheckpointManager:
             self._store.create()
             self._store.remove_temp_files()
             self._records = {step: self._record(step) for step in self._store.steps()}
-            self._best_ref = _readable_ref(self._store, "best")
+            self._best_ref = readable_ref(self._store, "best")
             latest = self.latest_step
-            if latest is not None and _readable_ref(self._store, "latest") != latest:
+            if latest is not None and readable_ref(self._store, "latest") != latest:
                 self._store.set_ref("latest", latest)  # a save killed before its pointer
         except BaseException:
             self._lock.close()
@@ -136,20 +138,14 @@ class CheckpointManager:
                 "save each step once (resume from report.step + 1)."
             )
         numbers = {name: float(value) for name, value in (metrics or {}).items()}
-        kinds = {name: "state" if _stateful(item) else "value" for name, item in items.items()}
-        state = {
-            name: item.state_dict() if _stateful(item) else item for name, item in items.items()
-        }
-        with _gc_paused():
-            plan = TensorPlan()
-            tree = _tree.encode({_ITEMS: state, _RNG: _rng.capture()}, plan.add)
-            blobs = plan.finish()
+        kinds = {name: "state" if stateful(item) else "value" for name, item in items.items()}
+        plan, tree, blobs = _plan(items)
         manifest = {
             "torchvault": "checkpoint",
             "format": 1,
             "step": step,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "metrics": _tree.encode(numbers, _no_tensors),
+            "metrics": _tree.encode(numbers, no_tensors),
             "metadata": dict(metadata or {}),
             "versions": versions(),
             "items": kinds,
@@ -161,6 +157,15 @@ class CheckpointManager:
             return
         staged, digests = self._stage(blobs)
         self._pending = self._executor.submit(self._write, step, manifest, staged, numbers, digests)
+
+    def _prepare(self, sizes: list[int]) -> None:
+        """Allocate and touch the staging buffers of an async save ahead of time (in the
+        background), so the first save() does not pay for fresh memory's page faults."""
+        del self._buffers[len(sizes) :]
+        self._buffers.extend([_NOTHING] * (len(sizes) - len(self._buffers)))
+        for i, size in enumerate(sizes):
+            if self._buffers[i].numel() != size:
+                self._buffers[i] = torch.zeros(size, dtype=torch.uint8)
 
     def _stage(self, blobs: list[Blob]) -> tuple[list[Blob], list[str | None]]:
         """Make the save independent of the live tensors before ``save`` returns.
@@ -304,9 +309,16 @@ class CheckpointManager:
 
         Returns:
             A :class:`ResumeReport`, or None when the run has no checkpoint yet.
+
+        With ``async_save``, the staging buffers for these items are then prepared in the
+        background, so the first save() returns as fast as later ones.
         """
         self.wait()
-        return restore(self._store, step, strict=strict, map_location=map_location, items=items)
+        report = restore(self._store, step, strict=strict, map_location=map_location, items=items)
+        if self._executor is not None and items:
+            sizes = [blob.nbytes for blob in _plan(items)[2]]
+            self._pending = self._executor.submit(self._prepare, sizes)
+        return report
 
     def export(
         self, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None
@@ -337,191 +349,13 @@ class CheckpointManager:
     def _record(self, step: int) -> tuple[dict[str, float], set[str]]:
         manifest = self._store.manifest(step)
         path = str(self._store.manifest_path(step))
-        return _metrics(manifest, path), {b.digest for b in blobs_of(manifest, path)}
+        return metrics_of(manifest, path), {b.digest for b in blobs_of(manifest, path)}
 
 
-# ---------------------------------------------------------------------- functions over a store
-
-
-def resolve(store: RunStore, step: StepRef) -> int | None:
-    """The step ``"latest"``, ``"best"`` or a number names; None when the run is empty."""
-    steps = store.steps()
-    if isinstance(step, int):
-        if step not in steps:
-            raise CheckpointNotFoundError(
-                f"step {step} is not committed in {store.root}; committed: {steps[-10:]}.",
-                path=store.root,
-            )
-        return step
-    if not steps:
-        return None
-    if step == "latest":
-        return steps[-1]  # the pointer is written after the commit: it can only lag behind
-    with contextlib.suppress(CorruptCheckpointError):
-        named = store.ref(step)
-        if named in steps:
-            return named
-    return steps[-1]  # a missing or damaged best pointer: the newest committed checkpoint
-
-
-def load_tree(
-    store: RunStore, step: int, map_location: MapLocation = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The manifest of ``step`` and its decoded state, every object verified."""
-    manifest = store.manifest(step)
-    path = str(store.manifest_path(step))
-    blobs = blobs_of(manifest, path)
-    by_digest = {b.digest: b for b in blobs}
-    entries = manifest.get("tensors")
-    if not isinstance(entries, list):
-        raise CorruptCheckpointError(f"{path}: its tensor table is missing.", path=path)
-    table = TensorTable(
-        entries,
-        tuple(b.entry() for b in blobs),
-        lambda entry: store.map_object(by_digest[entry.name]),
-        path,
-        map_location,
-    )
+def _plan(items: Mapping[str, Any]) -> tuple[TensorPlan, _tree.Json, list[Blob]]:
+    """The tree, tensor table and blobs of a checkpoint of ``items`` and the RNG states."""
+    state = {name: item.state_dict() if stateful(item) else item for name, item in items.items()}
     with _gc_paused():
-        try:
-            state = _tree.decode(manifest.get("tree"), table.get)
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"{path}: {exc.message}", path=path, key=exc.key) from exc
-        except CheckpointNotFoundError as exc:
-            if step not in store.steps():
-                raise CheckpointNotFoundError(
-                    f"step {step} of {store.root} was pruned while it was being read.", path=path
-                ) from exc
-            raise CorruptCheckpointError(
-                f"{path}: it refers to an object that is missing ({exc.message}); the run "
-                "folder is damaged.",
-                path=path,
-            ) from exc
-    if not isinstance(state, dict) or not isinstance(state.get(_ITEMS), dict):
-        raise CorruptCheckpointError(f"{path}: it holds no items.", path=path)
-    return manifest, state
-
-
-def restore(
-    store: RunStore,
-    step: StepRef,
-    *,
-    strict: bool,
-    map_location: MapLocation,
-    items: Mapping[str, Any],
-) -> ResumeReport | None:
-    """``CheckpointManager.restore`` without a manager (no lock needed: reads only)."""
-    chosen = resolve(store, step)
-    if chosen is None:
-        return None
-    manifest, state = load_tree(store, chosen, map_location)
-    path = str(store.manifest_path(chosen))
-    saved, kinds = state[_ITEMS], manifest.get("items", {})
-    stateful = {name for name in saved if kinds.get(name) == "state"}
-    missing = tuple(sorted(stateful - set(items)))
-    unexpected = tuple(sorted(set(items) - stateful))
-    if strict and (missing or unexpected):
-        raise RestoreMismatchError(
-            _mismatch(path, missing, unexpected), missing=missing, unexpected=unexpected, path=path
-        )
-    reports: dict[str, LoadReport] = {}
-    restored = []
-    for name, target in items.items():
-        if name not in stateful:
-            continue
-        if isinstance(target, torch.nn.Module):
-            reports[name] = load_into(target, saved[name], strict=strict)
-        else:
-            target.load_state_dict(saved[name])
-        restored.append(name)
-    return ResumeReport(
-        step=chosen,
-        restored=tuple(restored),
-        values={name: value for name, value in saved.items() if name not in stateful},
-        missing=missing,
-        unexpected=unexpected,
-        rng=_rng.restore(state.get(_RNG, {}), path),
-        metrics=_metrics(manifest, path),
-        metadata=dict(manifest.get("metadata", {})),
-        load_reports=reports,
-        created=manifest.get("created"),
-        versions=dict(manifest.get("versions", {})),
-    )
-
-
-def export(
-    store: RunStore, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None
-) -> None:
-    """Write checkpoint ``step`` (or one item of it) to a standalone torchvault file."""
-    chosen = resolve(store, step)
-    if chosen is None:
-        raise CheckpointNotFoundError(f"{store.root} has no checkpoint to export.", path=store.root)
-    _, state = load_tree(store, chosen)
-    items = state[_ITEMS]
-    if item is not None and item not in items:
-        raise CheckpointNotFoundError(
-            f"step {chosen} of {store.root} has no item {item!r}; its items: {sorted(items)}.",
-            path=store.root,
-        )
-    metadata = {"run": str(store.root), "step": str(chosen)}
-    save(items[item] if item is not None else items, path, metadata=metadata)
-
-
-def summarize(store: RunStore) -> list[CheckpointSummary]:
-    """Every committed checkpoint of a run, with size and pointers."""
-    latest, best = resolve(store, "latest"), resolve(store, "best")
-    out = []
-    for step in store.steps():
-        try:
-            manifest = store.manifest(step)
-        except CheckpointNotFoundError:
-            continue  # pruned by the writer since steps() listed it
-        sizes = manifest.get("bytes", {})
-        out.append(
-            CheckpointSummary(
-                step=step,
-                created=manifest.get("created"),
-                metrics=_metrics(manifest, str(store.manifest_path(step))),
-                total_bytes=int(sizes.get("total", 0)),
-                new_bytes=int(sizes.get("new", 0)),
-                latest=step == latest,
-                best=step == best,
-            )
-        )
-    return out
-
-
-def _metrics(manifest: dict[str, Any], path: str) -> dict[str, float]:
-    numbers = _tree.decode(manifest.get("metrics", {"dict": {}}), _no_tensors)
-    if not isinstance(numbers, dict) or not all(
-        isinstance(k, str) and isinstance(v, float) for k, v in numbers.items()
-    ):
-        raise CorruptCheckpointError(f"{path}: its metrics are not a map of numbers.", path=path)
-    return numbers
-
-
-def _no_tensors(*_: object) -> Any:
-    raise CorruptCheckpointError("metrics hold numbers only, not tensors")
-
-
-def _readable_ref(store: RunStore, name: str) -> int | None:
-    try:
-        return store.ref(name)
-    except CorruptCheckpointError:
-        return None  # a damaged pointer is rewritten by the next save
-
-
-def _stateful(item: object) -> bool:
-    return callable(getattr(item, "state_dict", None)) and callable(
-        getattr(item, "load_state_dict", None)
-    )
-
-
-def _mismatch(path: str, missing: tuple[str, ...], unexpected: tuple[str, ...]) -> str:
-    lines = [f"cannot restore {path} with strict=True:"]
-    if missing:
-        lines.append(f"  saved items given no target: {', '.join(missing)} (pass them as keywords)")
-    if unexpected:
-        lines.append(f"  targets with no saved item: {', '.join(unexpected)}")
-    lines.append("Pass strict=False to restore what matches and list the rest in the report.")
-    return "\n".join(lines)
+        plan = TensorPlan()
+        tree = _tree.encode({ITEMS: state, RNG: _rng.capture()}, plan.add)
+        return plan, tree, plan.finish()

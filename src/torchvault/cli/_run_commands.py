@@ -14,7 +14,7 @@ from typing import Any
 
 import torchvault as tv
 
-from .. import _manager, retention
+from .. import _run, retention
 from .._report import CheckpointSummary
 from .._store import RunStore, blobs_of
 from ..errors import CheckpointNotFoundError, RunLockedError
@@ -116,7 +116,7 @@ def _load_operand(spec: str, item: str | None) -> tuple[Source, object]:
     store = open_run(path)
     step = resolve(store, ref)
     with Progress(f"reading {spec}") as progress, progress.ticking():
-        _, state = _manager.load_tree(store, step, map_location="cpu")
+        _, state = _run.load_tree(store, step, map_location="cpu")
     items = state["items"]
     if item is not None:
         if item not in items:
@@ -262,7 +262,7 @@ def export(args: argparse.Namespace) -> int:
     size = human_bytes(int(manifest.get("bytes", {}).get("total", 0)))
     with Progress(f"exporting step {step} ({size})") as progress, progress.ticking():
         try:
-            _manager.export(store, step, args.out, item=args.item)
+            _run.export(store, step, args.out, item=args.item)
         except KeyError as exc:  # the item check above raced a rewrite; say it the same way
             raise CheckpointNotFoundError(str(exc.args[0]), path=store.root) from exc
     info = tv.inspect(args.out)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import _manager
-from .._manager import StepRef
+from .. import _run
 from .._report import CheckpointSummary
+from .._run import StepRef
 from .._store import RUN_FILE, RunStore
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 from ._exit import UsageError
@@ -56,17 +56,17 @@ def open_run(path: str | os.PathLike[str]) -> RunStore:
 
 
 def summaries(store: RunStore) -> list[CheckpointSummary]:
-    """``_manager.summarize``, retried when a checkpoint is deleted while it is listed."""
+    """``_run.summarize``, retried when a checkpoint is deleted while it is listed."""
     for _ in range(_RETRIES - 1):
         found = _summaries_once(store)
         if found is not None:
             return found
-    return _manager.summarize(store)
+    return _run.summarize(store)
 
 
 def _summaries_once(store: RunStore) -> list[CheckpointSummary] | None:
     try:
-        return _manager.summarize(store)
+        return _run.summarize(store)
     except CheckpointNotFoundError:
         if not store.exists():
             raise
@@ -79,7 +79,7 @@ def resolve(store: RunStore, ref: StepRef) -> int:
     Raises:
         CheckpointNotFoundError: no such step, or the run has no checkpoint yet.
     """
-    step = _manager.resolve(store, ref)
+    step = _run.resolve(store, ref)
     if step is None:
         raise CheckpointNotFoundError(
             f"{store.root} has no checkpoint yet (no step {ref!r}).", path=store.root

@@ -1,0 +1,207 @@
+"""Reading a run without a lock: which step a name means, a checkpoint's state, restoring it
+into targets, exporting it, summarizing the run. The CLI and CheckpointManager share these."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+
+from . import _rng, _tree
+from ._file import _gc_paused, save
+from ._load_into import load_into
+from ._report import CheckpointSummary, LoadReport, ResumeReport
+from ._store import RunStore, blobs_of
+from ._tensors import MapLocation, TensorTable
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreMismatchError
+
+StepRef = int | Literal["latest", "best"]
+RNG = "rng"
+ITEMS = "items"
+
+
+def resolve(store: RunStore, step: StepRef) -> int | None:
+    """The step ``"latest"``, ``"best"`` or a number names; None when the run is empty."""
+    steps = store.steps()
+    if isinstance(step, int):
+        if step not in steps:
+            raise CheckpointNotFoundError(
+                f"step {step} is not committed in {store.root}; committed: {steps[-10:]}.",
+                path=store.root,
+            )
+        return step
+    if not steps:
+        return None
+    if step == "latest":
+        return steps[-1]  # the pointer is written after the commit: it can only lag behind
+    with contextlib.suppress(CorruptCheckpointError):
+        named = store.ref(step)
+        if named in steps:
+            return named
+    return steps[-1]  # a missing or damaged best pointer: the newest committed checkpoint
+
+
+def load_tree(
+    store: RunStore, step: int, map_location: MapLocation = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest of ``step`` and its decoded state, every object verified."""
+    manifest = store.manifest(step)
+    path = str(store.manifest_path(step))
+    blobs = blobs_of(manifest, path)
+    by_digest = {b.digest: b for b in blobs}
+    entries = manifest.get("tensors")
+    if not isinstance(entries, list):
+        raise CorruptCheckpointError(f"{path}: its tensor table is missing.", path=path)
+    table = TensorTable(
+        entries,
+        tuple(b.entry() for b in blobs),
+        lambda entry: store.map_object(by_digest[entry.name]),
+        path,
+        map_location,
+    )
+    with _gc_paused():
+        try:
+            state = _tree.decode(manifest.get("tree"), table.get)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"{path}: {exc.message}", path=path, key=exc.key) from exc
+        except CheckpointNotFoundError as exc:
+            if step not in store.steps():
+                raise CheckpointNotFoundError(
+                    f"step {step} of {store.root} was pruned while it was being read.", path=path
+                ) from exc
+            raise CorruptCheckpointError(
+                f"{path}: it refers to an object that is missing ({exc.message}); the run "
+                "folder is damaged.",
+                path=path,
+            ) from exc
+    if not isinstance(state, dict) or not isinstance(state.get(ITEMS), dict):
+        raise CorruptCheckpointError(f"{path}: it holds no items.", path=path)
+    return manifest, state
+
+
+def restore(
+    store: RunStore,
+    step: StepRef,
+    *,
+    strict: bool,
+    map_location: MapLocation,
+    items: Mapping[str, Any],
+) -> ResumeReport | None:
+    """``CheckpointManager.restore`` without a manager (no lock needed: reads only)."""
+    chosen = resolve(store, step)
+    if chosen is None:
+        return None
+    manifest, state = load_tree(store, chosen, map_location)
+    path = str(store.manifest_path(chosen))
+    saved, kinds = state[ITEMS], manifest.get("items", {})
+    stateful = {name for name in saved if kinds.get(name) == "state"}
+    missing = tuple(sorted(stateful - set(items)))
+    unexpected = tuple(sorted(set(items) - stateful))
+    if strict and (missing or unexpected):
+        raise RestoreMismatchError(
+            _mismatch(path, missing, unexpected), missing=missing, unexpected=unexpected, path=path
+        )
+    reports: dict[str, LoadReport] = {}
+    restored = []
+    for name, target in items.items():
+        if name not in stateful:
+            continue
+        if isinstance(target, torch.nn.Module):
+            reports[name] = load_into(target, saved[name], strict=strict)
+        else:
+            target.load_state_dict(saved[name])
+        restored.append(name)
+    return ResumeReport(
+        step=chosen,
+        restored=tuple(restored),
+        values={name: value for name, value in saved.items() if name not in stateful},
+        missing=missing,
+        unexpected=unexpected,
+        rng=_rng.restore(state.get(RNG, {}), path),
+        metrics=metrics_of(manifest, path),
+        metadata=dict(manifest.get("metadata", {})),
+        load_reports=reports,
+        created=manifest.get("created"),
+        versions=dict(manifest.get("versions", {})),
+    )
+
+
+def export(
+    store: RunStore, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None
+) -> None:
+    """Write checkpoint ``step`` (or one item of it) to a standalone torchvault file."""
+    chosen = resolve(store, step)
+    if chosen is None:
+        raise CheckpointNotFoundError(f"{store.root} has no checkpoint to export.", path=store.root)
+    _, state = load_tree(store, chosen)
+    items = state[ITEMS]
+    if item is not None and item not in items:
+        raise CheckpointNotFoundError(
+            f"step {chosen} of {store.root} has no item {item!r}; its items: {sorted(items)}.",
+            path=store.root,
+        )
+    metadata = {"run": str(store.root), "step": str(chosen)}
+    save(items[item] if item is not None else items, path, metadata=metadata)
+
+
+def summarize(store: RunStore) -> list[CheckpointSummary]:
+    """Every committed checkpoint of a run, with size and pointers."""
+    latest, best = resolve(store, "latest"), resolve(store, "best")
+    out = []
+    for step in store.steps():
+        try:
+            manifest = store.manifest(step)
+        except CheckpointNotFoundError:
+            continue  # pruned by the writer since steps() listed it
+        sizes = manifest.get("bytes", {})
+        out.append(
+            CheckpointSummary(
+                step=step,
+                created=manifest.get("created"),
+                metrics=metrics_of(manifest, str(store.manifest_path(step))),
+                total_bytes=int(sizes.get("total", 0)),
+                new_bytes=int(sizes.get("new", 0)),
+                latest=step == latest,
+                best=step == best,
+            )
+        )
+    return out
+
+
+def metrics_of(manifest: dict[str, Any], path: str) -> dict[str, float]:
+    numbers = _tree.decode(manifest.get("metrics", {"dict": {}}), no_tensors)
+    if not isinstance(numbers, dict) or not all(
+        isinstance(k, str) and isinstance(v, float) for k, v in numbers.items()
+    ):
+        raise CorruptCheckpointError(f"{path}: its metrics are not a map of numbers.", path=path)
+    return numbers
+
+
+def no_tensors(*_: object) -> Any:
+    raise CorruptCheckpointError("metrics hold numbers only, not tensors")
+
+
+def readable_ref(store: RunStore, name: str) -> int | None:
+    try:
+        return store.ref(name)
+    except CorruptCheckpointError:
+        return None  # a damaged pointer is rewritten by the next save
+
+
+def stateful(item: object) -> bool:
+    return callable(getattr(item, "state_dict", None)) and callable(
+        getattr(item, "load_state_dict", None)
+    )
+
+
+def _mismatch(path: str, missing: tuple[str, ...], unexpected: tuple[str, ...]) -> str:
+    lines = [f"cannot restore {path} with strict=True:"]
+    if missing:
+        lines.append(f"  saved items given no target: {', '.join(missing)} (pass them as keywords)")
+    if unexpected:
+        lines.append(f"  targets with no saved item: {', '.join(unexpected)}")
+    lines.append("Pass strict=False to restore what matches and list the rest in the report.")
+    return "\n".join(lines)
