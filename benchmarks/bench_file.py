@@ -250,16 +250,30 @@ def big_cases(workload: Workload, with_raw_read: bool = True) -> list[Case]:
         Case("tv_save", "tv.save (fsync + rename + dir fsync)", "save", ".tv", tv_save),
         Case("raw_read", "raw os.preadv into preallocated buffer", "load", ".raw", read, False),
         Case("torch_load", "torch.load(weights_only)", "load", ".pt", loader(torch_load)),
-        Case("torch_mmap", "torch.load(mmap, weights_only) open", "load", ".pt", loader(torch_mmap)),
+        Case(
+            "torch_mmap", "torch.load(mmap, weights_only) open", "load", ".pt", loader(torch_mmap)
+        ),
         Case("torch_mmap_touch", "torch.load(mmap) + touch", "load", ".pt", touched(torch_mmap)),
         Case("st_load", "safetensors load_file open", "load", ".safetensors", loader(st_load)),
-        Case("st_load_touch", "safetensors load_file + touch", "load", ".safetensors", touched(st_load)),
+        Case(
+            "st_load_touch",
+            "safetensors load_file + touch",
+            "load",
+            ".safetensors",
+            touched(st_load),
+        ),
         Case("tv_lazy", "tv.load(lazy=True) open", "load", ".tv", loader(tv_lazy)),
-        Case("tv_lazy_touch", "tv.load(lazy=True) + touch (no verify)", "load", ".tv", touched(tv_lazy)),
+        Case(
+            "tv_lazy_touch",
+            "tv.load(lazy=True) + touch (no verify)",
+            "load",
+            ".tv",
+            touched(tv_lazy),
+        ),
         Case("tv_full", "tv.load() full, verified", "load", ".tv", loader(tv_full)),
         Case("tv_full_touch", "tv.load() full, verified + touch", "load", ".tv", touched(tv_full)),
         Case("hash_only", "xxh3-128 of the in-memory tensors", "cpu", "", hash_only, False),
-    ]  # fmt: skip
+    ]
 
 
 SMALL_KEYS = ("torch_save", "torch_load", "st_save", "st_load", "tv_save", "tv_full", "tv_lazy")
@@ -270,8 +284,16 @@ def small_cases(workload: Workload) -> list[Case]:
     cases = [by_key[key] for key in SMALL_KEYS]
     for key in ("tv_save", "tv_full"):
         case = by_key[key]
-        cases.append(Case(f"{key}_nogc", f"{case.label} [diagnostic: gc disabled]", case.kind,
-                          case.suffix, without_gc(case.fn), memory=False))  # fmt: skip
+        cases.append(
+            Case(
+                f"{key}_nogc",
+                f"{case.label} [diagnostic: gc disabled]",
+                case.kind,
+                case.suffix,
+                without_gc(case.fn),
+                memory=False,
+            )
+        )
     return cases
 
 
@@ -315,8 +337,10 @@ class Target:
         sign = ">=" if self.at_least else "<="
         tag = " (extra, anchors section 8)" if self.extra else ""
         verdict = "PASS" if self.passed else "**MISS**"
-        return (f"| {self.label}{tag} | {_fmt(self.value)} {self.unit} | {sign} "
-                f"{_fmt(self.limit)} {self.unit} | {verdict} |")  # fmt: skip
+        return (
+            f"| {self.label}{tag} | {_fmt(self.value)} {self.unit} | {sign} "
+            f"{_fmt(self.limit)} {self.unit} | {verdict} |"
+        )
 
 
 def _fmt(value: float) -> str:
@@ -438,8 +462,16 @@ def measure_memory(results: list[Result], args: argparse.Namespace) -> None:
     for result in results:
         if not result.case.memory:
             continue
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", result.case.key,
-               "--size-mib", str(args.size_mib), "--tensor-mib", str(args.tensor_mib)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            result.case.key,
+            "--size-mib",
+            str(args.size_mib),
+            "--tensor-mib",
+            str(args.tensor_mib),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"memory child {result.case.key} failed:\n{done.stderr}")
@@ -458,8 +490,10 @@ def big_table(results: list[Result]) -> list[str]:
     for r in results:
         size = f"{r.file_bytes:,}" if r.file_bytes is not None else ""
         mem = f"{r.peak_extra_mib:,.1f}" if r.peak_extra_mib is not None else ""
-        lines.append(f"| {r.case.label} | {r.median:.4f} | {min(r.seconds):.4f} | "
-                     f"{max(r.seconds):.4f} | {r.gbps:.2f} | {size} | {mem} |")  # fmt: skip
+        lines.append(
+            f"| {r.case.label} | {r.median:.4f} | {min(r.seconds):.4f} | "
+            f"{max(r.seconds):.4f} | {r.gbps:.2f} | {size} | {mem} |"
+        )
     return lines
 
 
@@ -472,9 +506,11 @@ def small_table(results: list[Result]) -> list[str]:
     ]
     for r in results:
         over = f"{(r.file_bytes - payload) / count:.1f}" if r.file_bytes is not None else ""
-        lines.append(f"| {r.case.label} | {r.us_per_tensor():.1f} | "
-                     f"{r.us_per_tensor(min(r.seconds)):.1f} | {r.us_per_tensor(max(r.seconds)):.1f} "
-                     f"| {r.median:.3f} | {over} |")  # fmt: skip
+        lines.append(
+            f"| {r.case.label} | {r.us_per_tensor():.1f} | "
+            f"{r.us_per_tensor(min(r.seconds)):.1f} | {r.us_per_tensor(max(r.seconds)):.1f} "
+            f"| {r.median:.3f} | {over} |"
+        )
     return lines
 
 
@@ -485,17 +521,55 @@ def targets(big: dict[str, Result], small: dict[str, Result]) -> list[Target]:
     over = ((tv_small.file_bytes or 0) - tv_small.workload.nbytes) / tv_small.workload.count
     checks = [
         Target("tv.save / torch.save throughput", med["torch_save"] / med["tv_save"], 1.25, True),
-        Target("tv.save / raw write+fsync throughput", med["raw_write"] / med["tv_save"], 0.85, True),
-        Target("tv.load full (verified) / torch.load(weights_only) time", med["tv_full"] / med["torch_load"], 0.5, False),
-        Target("tv.load lazy open / torch.load(weights_only) time", med["tv_lazy"] / med["torch_load"], 0.02, False),
+        Target(
+            "tv.save / raw write+fsync throughput", med["raw_write"] / med["tv_save"], 0.85, True
+        ),
+        Target(
+            "tv.load full (verified) / torch.load(weights_only) time",
+            med["tv_full"] / med["torch_load"],
+            0.5,
+            False,
+        ),
+        Target(
+            "tv.load lazy open / torch.load(weights_only) time",
+            med["tv_lazy"] / med["torch_load"],
+            0.02,
+            False,
+        ),
         Target(f"{many}: tv.save per tensor", tv_small.us_per_tensor(), 25, False, "us"),
-        Target(f"{many}: tv.load full (verified) per tensor", small["tv_full"].us_per_tensor(), 25, False, "us"),
+        Target(
+            f"{many}: tv.load full (verified) per tensor",
+            small["tv_full"].us_per_tensor(),
+            25,
+            False,
+            "us",
+        ),
         *memory_targets(big),
-        Target("tv.load full + touch / torch.load(weights_only) time", med["tv_full_touch"] / med["torch_load"], 0.15, False, extra=True),
-        Target("tv.load lazy open, absolute (1 ms + 20 us/tensor)", med["tv_lazy"] * 1e3, 1 + 0.02 * big["tv_lazy"].workload.count, False, "ms", extra=True),
-        Target(f"{many}: tv.load lazy per tensor", small["tv_lazy"].us_per_tensor(), 25, False, "us", extra=True),
+        Target(
+            "tv.load full + touch / torch.load(weights_only) time",
+            med["tv_full_touch"] / med["torch_load"],
+            0.15,
+            False,
+            extra=True,
+        ),
+        Target(
+            "tv.load lazy open, absolute (1 ms + 20 us/tensor)",
+            med["tv_lazy"] * 1e3,
+            1 + 0.02 * big["tv_lazy"].workload.count,
+            False,
+            "ms",
+            extra=True,
+        ),
+        Target(
+            f"{many}: tv.load lazy per tensor",
+            small["tv_lazy"].us_per_tensor(),
+            25,
+            False,
+            "us",
+            extra=True,
+        ),
         Target(f"{many}: tv file bytes over payload per tensor", over, 128, False, "B", extra=True),
-    ]  # fmt: skip
+    ]
     return checks
 
 
@@ -519,14 +593,25 @@ def notes(big: dict[str, Result], small: dict[str, Result], checks: list[Target]
     ]
     noisy = [r for r in (*big.values(), *small.values()) if max(r.seconds) > 1.5 * min(r.seconds)]
     if noisy:
-        lines.append("- Noisy (max > 1.5 x min; the machine was shared): " + ", ".join(
-            f"{r.workload.name} {r.case.key} {min(r.seconds):.3g}-{max(r.seconds):.3g} s"
-            for r in noisy) + ".")  # fmt: skip
+        lines.append(
+            "- Noisy (max > 1.5 x min; the machine was shared): "
+            + ", ".join(
+                f"{r.workload.name} {r.case.key} {min(r.seconds):.3g}-{max(r.seconds):.3g} s"
+                for r in noisy
+            )
+            + "."
+        )
     missed = [t for t in checks if not t.passed]
     if missed:
-        lines.append("- Misses: " + "; ".join(
-            f"{t.label} = {_fmt(t.value)} {t.unit} (target {'>=' if t.at_least else '<='} "
-            f"{_fmt(t.limit)} {t.unit})" for t in missed) + ".")  # fmt: skip
+        lines.append(
+            "- Misses: "
+            + "; ".join(
+                f"{t.label} = {_fmt(t.value)} {t.unit} (target {'>=' if t.at_least else '<='} "
+                f"{_fmt(t.limit)} {t.unit})"
+                for t in missed
+            )
+            + "."
+        )
     return lines
 
 
@@ -548,14 +633,16 @@ def big_notes(big: dict[str, Result]) -> list[str]:
         "- Memory: mapped file pages count as RssFile, not RssAnon, so mmap-based loads show "
         "~0 extra anonymous memory even when every byte is touched; torch.load(weights_only) "
         "allocates the whole checkpoint.",
-    ]  # fmt: skip
+    ]
 
 
 def small_notes(small: dict[str, Result]) -> list[str]:
     us = {key: r.us_per_tensor() for key, r in small.items()}
     workload = small["tv_save"].workload
-    over = {key: ((small[key].file_bytes or 0) - workload.nbytes) / workload.count
-            for key in ("tv_save", "st_save")}  # fmt: skip
+    over = {
+        key: ((small[key].file_bytes or 0) - workload.nbytes) / workload.count
+        for key in ("tv_save", "st_save")
+    }
     return [
         f"- {workload.count:,} x 1 KiB per tensor: tv.save {us['tv_save']:.1f} us vs torch.save "
         f"{us['torch_save']:.1f} / safetensors {us['st_save']:.1f}; tv.load full {us['tv_full']:.1f} "
@@ -565,7 +652,7 @@ def small_notes(small: dict[str, Result]) -> list[str]:
         f"- Header bytes per tensor: the safetensors part costs {over['st_save']:.0f} B (as in a "
         f"plain safetensors file); torchvault's members add {over['tv_save'] - over['st_save']:.0f} "
         "B (the tree repeats every name, plus a table index and a 32-hex-digit checksum).",
-    ]  # fmt: skip
+    ]
 
 
 @dataclass(frozen=True)
@@ -673,8 +760,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tensor-mib", type=int, default=16, help="workload A tensor size")
     parser.add_argument("--small-count", type=int, default=20_000, help="workload B tensors")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md",
-                        help="markdown report to (over)write; '-' for none")  # fmt: skip
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=HERE / "RESULTS.md",
+        help="markdown report to (over)write; '-' for none",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -171,8 +171,13 @@ def measure_dedup(bench: Bench) -> Figures:
     manifest = os.stat(RunStore(run).manifest_path(1)).st_size
     bench.reset()
     fresh(run)
-    return {"mgr_full": full, "mgr_delta": delta, "full_bytes": full_bytes,
-            "delta_bytes": delta_bytes, "manifest_bytes": manifest}  # fmt: skip
+    return {
+        "mgr_full": full,
+        "mgr_delta": delta,
+        "full_bytes": full_bytes,
+        "delta_bytes": delta_bytes,
+        "manifest_bytes": manifest,
+    }
 
 
 def measure_async(bench: Bench) -> Figures:
@@ -197,9 +202,13 @@ def measure_async(bench: Bench) -> Figures:
         mgr.close()
     bench.reset()
     fresh(run)
-    return {"async_blocked_first": blocked_first, "async_e2e_first": e2e_first,
-            "async_blocked": blocked, "async_e2e": e2e,
-            "async_blocked_after_restore": after_restore}  # fmt: skip
+    return {
+        "async_blocked_first": blocked_first,
+        "async_e2e_first": e2e_first,
+        "async_blocked": blocked,
+        "async_e2e": e2e,
+        "async_blocked_after_restore": after_restore,
+    }
 
 
 def file_save(
@@ -463,19 +472,65 @@ class Check:
 def checks(med: Figures) -> list[Check]:
     full = med["mgr_full"]
     return [
-        Check("1. dedup: step-1 bytes / full bytes (objects folder growth)", med["delta_bytes"] / med["full_bytes"], 0.10),
-        Check("1. dedup: step-1 save time / full save time", med["mgr_delta"] / full, 0.20, profiler=profile_delta_save),
-        Check("2. async: save() blocked, buffers reused / sync save", med["async_blocked"] / full, 0.15, profiler=profile_async_blocked),
-        Check("2. async: save() blocked, first save after restore() / sync save", med["async_blocked_after_restore"] / full, 0.15),
-        Check("2. async: save() blocked, first save without restore() / sync save", med["async_blocked_first"] / full, None),
-        Check("2. async: first save end to end (save + wait) / sync save", med["async_e2e_first"] / full, None),
-        Check("3. restore: manager restore into model / tv.load", med["restore"] / med["tv_load"], 1.10, profiler=profile_restore),
+        Check(
+            "1. dedup: step-1 bytes / full bytes (objects folder growth)",
+            med["delta_bytes"] / med["full_bytes"],
+            0.10,
+        ),
+        Check(
+            "1. dedup: step-1 save time / full save time",
+            med["mgr_delta"] / full,
+            0.20,
+            profiler=profile_delta_save,
+        ),
+        Check(
+            "2. async: save() blocked, buffers reused / sync save",
+            med["async_blocked"] / full,
+            0.15,
+            profiler=profile_async_blocked,
+        ),
+        Check(
+            "2. async: save() blocked, first save after restore() / sync save",
+            med["async_blocked_after_restore"] / full,
+            0.15,
+        ),
+        Check(
+            "2. async: save() blocked, first save without restore() / sync save",
+            med["async_blocked_first"] / full,
+            None,
+        ),
+        Check(
+            "2. async: first save end to end (save + wait) / sync save",
+            med["async_e2e_first"] / full,
+            None,
+        ),
+        Check(
+            "3. restore: manager restore into model / tv.load",
+            med["restore"] / med["tv_load"],
+            1.10,
+            profiler=profile_restore,
+        ),
         Check("3. restore: load_tree alone / tv.load", med["load_tree"] / med["tv_load"], 1.10),
-        Check("3. restore: manager restore / tv.load_into (same work: verify + copy)", med["restore"] / med["tv_load_into"], None),
-        Check("4. throughput: manager full save / torch.save + fsync", med["torch_save"] / full, 1.25, True, profile_full_save),
-        Check("4. throughput: manager full save / raw write + fsync", med["raw_write"] / full, None, True),
+        Check(
+            "3. restore: manager restore / tv.load_into (same work: verify + copy)",
+            med["restore"] / med["tv_load_into"],
+            None,
+        ),
+        Check(
+            "4. throughput: manager full save / torch.save + fsync",
+            med["torch_save"] / full,
+            1.25,
+            True,
+            profile_full_save,
+        ),
+        Check(
+            "4. throughput: manager full save / raw write + fsync",
+            med["raw_write"] / full,
+            None,
+            True,
+        ),
         Check("4. throughput: manager full save / tv.save", med["tv_save"] / full, None, True),
-    ]  # fmt: skip
+    ]
 
 
 # ----------------------------------------------------------------------------- report
@@ -490,8 +545,10 @@ def seconds_table(samples: Samples, memory: Figures, nbytes: int) -> list[str]:
         values = samples[key]
         med = statistics.median(values)
         mem = f"{memory[key]:,.1f}" if key in memory else ""
-        lines.append(f"| {label} | {med:.4f} | {min(values):.4f} | {max(values):.4f} | "
-                     f"{nbytes / med / 1e9:.2f} | {mem} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {med:.4f} | {min(values):.4f} | {max(values):.4f} | "
+            f"{nbytes / med / 1e9:.2f} | {mem} |"
+        )
     return lines
 
 
@@ -549,16 +606,22 @@ def notes(
         "load_into, copy_) swing most; their min is closer to the unloaded cost.",
         "- Peak memory: measured once per operation after the timings, in this process; the "
         "async figure includes the staging buffers, which the manager keeps between saves.",
-    ]  # fmt: skip
+    ]
     noisy = [k for k in LABELS if max(samples[k]) > 1.5 * min(samples[k])]
     if noisy:
-        lines.append("- Noisy (max > 1.5 x min; the machine is shared): " + ", ".join(
-            f"{k} {min(samples[k]):.3g}-{max(samples[k]):.3g} s" for k in noisy) + ".")  # fmt: skip
+        lines.append(
+            "- Noisy (max > 1.5 x min; the machine is shared): "
+            + ", ".join(f"{k} {min(samples[k]):.3g}-{max(samples[k]):.3g} s" for k in noisy)
+            + "."
+        )
     for check in found:
         if check.passed is False:
             where = profiles.get(check.label, "")
-            lines.append(f"- MISS: {check.label} = {check.value:.3f} x (target {check.target()})"
-                         + (f"; cProfile of one run, {where}" if where else "") + ".")  # fmt: skip
+            lines.append(
+                f"- MISS: {check.label} = {check.value:.3f} x (target {check.target()})"
+                + (f"; cProfile of one run, {where}" if where else "")
+                + "."
+            )
     return lines
 
 
@@ -623,11 +686,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--size-mib", type=int, default=1024, help="state size (64 tensors)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    parser.add_argument("--torch-threads", type=int, default=0,
-                        help="torch intra-op threads (0: torch's default)")  # fmt: skip
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip cProfile of misses")
-    parser.add_argument("--results", type=Path, default=HERE / "RESULTS-manager.md",
-                        help="markdown report to (over)write; '-' for none")  # fmt: skip
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=HERE / "RESULTS-manager.md",
+        help="markdown report to (over)write; '-' for none",
+    )
     return parser.parse_args(argv)
 
 

@@ -275,9 +275,6 @@ class RunStore:
                 path=self.root,
             )
 
-    def _check_marker(self, _marker: object = None) -> None:
-        self.check()  # kept for the CLI's current call
-
 
 def _object(digest: str) -> str:
     return f"objects/{digest}"

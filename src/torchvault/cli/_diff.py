@@ -107,7 +107,11 @@ def diff_trees(a: object, b: object, *, atol: float = 0.0, label: str = "diff") 
             else:
                 result.changed.append(Change(key, da, db, "value"))
         elif da.dtype != db.dtype or da.shape != db.shape:
-            what = [w for w, d in (("dtype", da.dtype != db.dtype), ("shape", da.shape != db.shape)) if d]  # fmt: skip
+            what = [
+                w
+                for w, d in (("dtype", da.dtype != db.dtype), ("shape", da.shape != db.shape))
+                if d
+            ]
             result.changed.append(Change(key, da, db, ", ".join(what)))
         else:
             pairs.append((key, as_tensor(value), as_tensor(other)))

@@ -46,33 +46,60 @@ DIFF_ARGUMENTS = (
     _arg("a", metavar="A", help="a checkpoint file, or RUN@STEP (STEP: a number, latest, best)"),
     _arg("b", metavar="B", help="the same, compared against A"),
     JSON,
-    _arg("--atol", type=tolerance, default=0.0, metavar="X",
-         help="tensor values differ only if their max abs difference is above X (default 0)"),
+    _arg(
+        "--atol",
+        type=tolerance,
+        default=0.0,
+        metavar="X",
+        help="tensor values differ only if their max abs difference is above X (default 0)",
+    ),
     _arg("--item", metavar="NAME", help=ITEM_HELP),
-    _arg("--exit-code", action="store_true",
-         help="exit 1 if the checkpoints differ, 0 if identical (like git diff)"),
-)  # fmt: skip
+    _arg(
+        "--exit-code",
+        action="store_true",
+        help="exit 1 if the checkpoints differ, 0 if identical (like git diff)",
+    ),
+)
 PRUNE_ARGUMENTS = (
     RUN,
     _arg("--keep-last", type=positive_int, metavar="N", help="keep the N most recent checkpoints"),
     _arg("--keep-best", type=positive_int, metavar="K", help="keep the K best by --monitor"),
     _arg("--monitor", metavar="METRIC", help="the metric --keep-best ranks by, e.g. val_loss"),
-    _arg("--mode", choices=("min", "max"), default="min",
-         help="lower (min, the default) or higher (max) --monitor is better"),
-    _arg("--keep-every", type=positive_int, metavar="N",
-         help="keep every step that is a multiple of N"),
-    _arg("--dry-run", action="store_true",
-         help="list what would be deleted and change nothing (takes no lock)"),
+    _arg(
+        "--mode",
+        choices=("min", "max"),
+        default="min",
+        help="lower (min, the default) or higher (max) --monitor is better",
+    ),
+    _arg(
+        "--keep-every",
+        type=positive_int,
+        metavar="N",
+        help="keep every step that is a multiple of N",
+    ),
+    _arg(
+        "--dry-run",
+        action="store_true",
+        help="list what would be deleted and change nothing (takes no lock)",
+    ),
     JSON,
-)  # fmt: skip
+)
 EXPORT_ARGUMENTS = (
     RUN,
     _arg("out", metavar="OUT", help="the torchvault file to write (replaced atomically)"),
-    _arg("--step", type=step_argument, default="latest", metavar="latest|best|N",
-         help="the checkpoint to export (default: latest)"),
-    _arg("--item", metavar="NAME",
-         help="export only this item (e.g. model: a state dict for tv.load_into)"),
-)  # fmt: skip
+    _arg(
+        "--step",
+        type=step_argument,
+        default="latest",
+        metavar="latest|best|N",
+        help="the checkpoint to export (default: latest)",
+    ),
+    _arg(
+        "--item",
+        metavar="NAME",
+        help="export only this item (e.g. model: a state dict for tv.load_into)",
+    ),
+)
 
 
 # ---------------------------------------------------------------------- ls
