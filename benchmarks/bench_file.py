@@ -381,6 +381,7 @@ def time_cases(
     results = [Result(workload, case) for case in cases]
     for round_ in range(warmup + runs):
         for result in results:
+            settle()
             elapsed = run_once(result.case, workload, sd)
             if round_ >= warmup:
                 result.seconds.append(elapsed)
@@ -389,6 +390,17 @@ def time_cases(
         if result.case.kind == "save":
             result.file_bytes = result.case.path(workload).stat().st_size
     return results
+
+
+SETTLE_SECONDS = 1.0
+
+
+def settle() -> None:
+    """Start each measurement on an idle disk: flush everything, then give the (virtual)
+    disk a moment to drain its own cache. Without it a save's fsync also waits for the
+    previous measurement's gigabyte, and timings turn bimodal."""
+    os.sync()
+    time.sleep(SETTLE_SECONDS)
 
 
 def log(message: str) -> None:
@@ -724,7 +736,7 @@ def report(big: list[Result], small: list[Result], args: argparse.Namespace, sta
         *machine(start),
         f"- Command: `{command_line()}` (from the repository root)",
         f"- Each figure: median of {args.runs} runs (after {args.warmup} warm-up round), "
-        "round-robin over the measurements; warm page cache (nothing dropped). "
+        "round-robin over the measurements; warm page cache (nothing dropped); `os.sync()` and a 1 s pause before each measurement, so every save starts on an idle disk. "
         "Peak memory: one run per measurement in a fresh subprocess, RssAnon sampled every 1 ms.",
         "",
         f"## Workload A: {big[0].workload.describe()}",

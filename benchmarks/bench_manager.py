@@ -43,6 +43,7 @@ from bench_file import (
     log,
     machine,
     raw_write,
+    settle,
     torch_save,
 )
 from torchvault._run import load_tree
@@ -320,6 +321,7 @@ def time_all(bench: Bench, runs: int, warmup: int) -> Samples:
     for round_ in range(warmup + runs):
         order = MEASUREMENTS[round_ % count :] + MEASUREMENTS[: round_ % count]
         for measure in order:
+            settle()
             figures = measure(bench)
             if round_ >= warmup:
                 for key, value in figures.items():
@@ -645,7 +647,7 @@ def report(
         f"names): {source_diff()}",
         f"- Command: `{command_line()}` (from the repository root)",
         f"- Each figure: median of {args.runs} runs (after {args.warmup} warm-up round), "
-        "round-robin over the measurements, order rotated each round; warm page cache. "
+        "round-robin over the measurements, order rotated each round; warm page cache; `os.sync()` and a 1 s pause before each measurement. "
         f"Ratios are ratios of medians. torch intra-op threads: {torch.get_num_threads()}.",
         "",
         f"## State: one module, {bench.workload.describe()} as buffers",
