@@ -392,15 +392,16 @@ def time_cases(
     return results
 
 
-SETTLE_SECONDS = 1.0
+SETTLE = {"seconds": 0.0}  # --settle
 
 
 def settle() -> None:
-    """Start each measurement on an idle disk: flush everything, then give the (virtual)
-    disk a moment to drain its own cache. Without it a save's fsync also waits for the
-    previous measurement's gigabyte, and timings turn bimodal."""
-    os.sync()
-    time.sleep(SETTLE_SECONDS)
+    """With --settle S: flush everything and pause S seconds before each measurement, so it
+    starts on an idle disk. Off by default: on the reference VM it changed which saves were
+    slow rather than removing the noise (see RESULTS.md)."""
+    if SETTLE["seconds"] > 0:
+        os.sync()
+        time.sleep(SETTLE["seconds"])
 
 
 def log(message: str) -> None:
@@ -736,7 +737,7 @@ def report(big: list[Result], small: list[Result], args: argparse.Namespace, sta
         *machine(start),
         f"- Command: `{command_line()}` (from the repository root)",
         f"- Each figure: median of {args.runs} runs (after {args.warmup} warm-up round), "
-        "round-robin over the measurements; warm page cache (nothing dropped); `os.sync()` and a 1 s pause before each measurement, so every save starts on an idle disk. "
+        "round-robin over the measurements; warm page cache (nothing dropped); no settling between measurements unless --settle is given. "
         "Peak memory: one run per measurement in a fresh subprocess, RssAnon sampled every 1 ms.",
         "",
         f"## Workload A: {big[0].workload.describe()}",
@@ -767,6 +768,12 @@ def report(big: list[Result], small: list[Result], args: argparse.Namespace, sta
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="os.sync() and pause this long before each measurement",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--size-mib", type=int, default=1024, help="workload A size (MiB)")
     parser.add_argument("--tensor-mib", type=int, default=16, help="workload A tensor size")
@@ -779,7 +786,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="markdown report to (over)write; '-' for none",
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    SETTLE["seconds"] = args.settle
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,7 @@ import torch
 import torchvault as tv
 from bench_file import (
     MIB,
+    SETTLE,
     WORK,
     AnonSampler,
     Start,
@@ -647,7 +648,7 @@ def report(
         f"names): {source_diff()}",
         f"- Command: `{command_line()}` (from the repository root)",
         f"- Each figure: median of {args.runs} runs (after {args.warmup} warm-up round), "
-        "round-robin over the measurements, order rotated each round; warm page cache; `os.sync()` and a 1 s pause before each measurement. "
+        "round-robin over the measurements, order rotated each round; warm page cache; no settling between measurements unless --settle is given. "
         f"Ratios are ratios of medians. torch intra-op threads: {torch.get_num_threads()}.",
         "",
         f"## State: one module, {bench.workload.describe()} as buffers",
@@ -685,6 +686,12 @@ def run_profiles(bench: Bench, samples: Samples) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="os.sync() and pause this long before each measurement",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--size-mib", type=int, default=1024, help="state size (64 tensors)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
@@ -698,7 +705,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=HERE / "RESULTS-manager.md",
         help="markdown report to (over)write; '-' for none",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    SETTLE["seconds"] = args.settle
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
