@@ -322,3 +322,25 @@ def test_async_restore_prepares_the_staging_buffers_of_the_first_save(tmp_path: 
         mgr.restore(model=restored)
     assert staged == prepared  # the save copied into the prepared buffers, allocating none
     assert torch.equal(restored[0].weight, net[0].weight)
+
+
+def test_grad_scaler_and_scheduler_state_round_trip(tmp_path: Path) -> None:
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    for _ in range(5):
+        opt.zero_grad()
+        scaler.scale(net(torch.randn(4, 8)).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+    with tv.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(5, model=net, optimizer=opt, scheduler=sched, scaler=scaler)
+        opt2 = torch.optim.SGD(model(1).parameters(), lr=0.1)
+        sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+        scaler2 = torch.amp.GradScaler("cpu")
+        mgr.restore(model=model(1), optimizer=opt2, scheduler=sched2, scaler=scaler2)
+    assert scaler2.state_dict() == scaler.state_dict()
+    assert sched2.state_dict() == sched.state_dict()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
