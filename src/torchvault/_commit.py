@@ -1,10 +1,16 @@
-"""The one atomic-publish protocol for a single file.
+"""Every durable change torchvault makes to a file system goes through this module.
 
-Write a uniquely named temp file in the destination folder, fsync it, rename it over the
-destination, fsync the folder. A crash or exception at any point leaves either the old file
-or the new one, never a partial one; an exception also removes the temp file. The temp file
-lives beside the destination (never in /tmp) so the rename never turns into a copy across
-file systems, and it is created with the usual 0o666 & ~umask mode, not mkstemp's 0o600.
+* ``atomic_file``: publish one file. Write a uniquely named temp file in the destination
+  folder, fsync it, rename it over the destination, fsync the folder. A crash or exception at
+  any point leaves either the old file or the new one, never a partial one; an exception also
+  removes the temp file.
+* ``atomic_files``: publish a batch of files nothing refers to yet (a run's new objects): all
+  written first, then all fsynced, renamed, and each folder fsynced once.
+* ``remove`` and ``make_dirs``: unlink or mkdir, then fsync the parent folder.
+
+Temp files live beside their destination (never in /tmp), so a rename never turns into a copy
+across file systems, and they are created with the usual 0o666 & ~umask mode, not mkstemp's
+0o600. Fault-injection tests patch this module's ``os`` and ``_writer``: one seam for all I/O.
 """
 
 from __future__ import annotations
