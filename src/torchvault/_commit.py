@@ -85,6 +85,13 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(6)}")
 
 
+def _create_temp(dest: Path) -> tuple[Path, int]:
+    """Create a fresh temp file beside ``dest`` (O_EXCL, mode 0o666 & ~umask) for writing."""
+    tmp = temp_name(dest)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    return tmp, os.open(tmp, flags, 0o666)
+
+
 def remove_orphans(path: Path) -> None:
     """Delete temp files of ``path`` left by killed saves on this host.
 
@@ -124,9 +131,8 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             errno=errno.EISDIR,
         )
     remove_orphans(dest)
-    tmp = temp_name(dest)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        tmp, fd = _create_temp(dest)
     except OSError as exc:
         raise _write_error(dest, exc) from exc
     try:
@@ -170,10 +176,7 @@ def atomic_files(items: Iterable[tuple[Path, Iterable[Any]]]) -> None:
     where = Path()  # the file an error is about
     try:
         for where, chunks in items:
-            tmp = temp_name(where)
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666
-            )
+            tmp, fd = _create_temp(where)
             staged.append((tmp, where))
             with _writer(fd) as handle:
                 for chunk in chunks:

@@ -350,7 +350,7 @@ def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> list[str]:
     for blob in blobs:
         flat = flat_bytes(blob.source)
         if flat.device.type == "cpu" and flat.numel() <= CHUNK:
-            view = memoryview(flat.numpy())  # type: ignore[arg-type]
+            view = byte_view(flat)
             sums.append(hash_bytes(view))
             handle.write(view)
             continue
@@ -369,6 +369,12 @@ def flat_bytes(source: torch.Tensor) -> torch.Tensor:
     return flat.as_strided((flat.numel(),), (1,)).view(torch.uint8)
 
 
+def byte_view(source: torch.Tensor) -> memoryview:
+    """A tensor's bytes as a memoryview: no copy for a contiguous CPU tensor; others are made
+    contiguous and copied to the CPU first."""
+    return memoryview(flat_bytes(source).to("cpu").numpy())  # type: ignore[arg-type]
+
+
 def _chunks(flat: torch.Tensor) -> Iterator[memoryview]:
     for start in range(0, flat.numel(), CHUNK):
-        yield memoryview(flat[start : start + CHUNK].to("cpu").numpy())  # type: ignore[arg-type]
+        yield byte_view(flat[start : start + CHUNK])

@@ -182,7 +182,7 @@ class CheckpointManager:
             source = flat_bytes(blob.source)
             digest = None
             if source.device.type == "cpu":
-                digest = _format.hash_bytes(memoryview(source.numpy()))  # type: ignore[arg-type]
+                digest = _format.hash_bytes(_format.byte_view(source))
             if digest in known:
                 staged.append(blob._replace(source=_NOTHING))
                 digests.append(digest)

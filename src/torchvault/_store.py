@@ -102,9 +102,6 @@ class RunStore:
 
     # ------------------------------------------------------------------ layout
 
-    def object_path(self, digest: str) -> Path:
-        return Path(self.storage.describe(_object(digest)))
-
     def manifest_path(self, step: int) -> Path:
         return Path(self.storage.describe(_manifest(step)))
 
@@ -144,8 +141,7 @@ class RunStore:
                         )
                     stored.append(StoredBlob(known, blob.dtype, blob.shape, blob.nbytes))
                     continue
-                data = _format.flat_bytes(blob.source).to("cpu")
-                view = memoryview(data.numpy())  # type: ignore[arg-type]
+                view = _format.byte_view(blob.source)
                 digest = _format.hash_bytes(view)
                 stored.append(StoredBlob(digest, blob.dtype, blob.shape, blob.nbytes))
                 if digest in seen or self.storage.size(_object(digest)) == blob.nbytes:
