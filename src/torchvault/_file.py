@@ -127,6 +127,10 @@ def load(
         >>> state = tv.load("model.tv")
         >>> model.load_state_dict(state)
     """
+    from .legacy import _dispatch  # imported here: the legacy package imports this module
+
+    if _dispatch.is_foreign(path):
+        return _dispatch.load(path, map_location=map_location)
     with _gc_paused():
         contents, mapping = open_file(path)
         if verify and not lazy:
@@ -159,6 +163,10 @@ def inspect(path: PathLike) -> CheckpointInfo:
         >>> info = tv.inspect("model.tv")
         >>> [(t.key, t.dtype, t.shape) for t in info.tensors]
     """
+    from .legacy import _dispatch
+
+    if _dispatch.is_foreign(path):
+        return _dispatch.inspect(path)
     contents, _ = open_file(path)
     tensors = _tensor_infos(contents)
     meta = contents.header.metadata

@@ -79,6 +79,8 @@ def load_into(
 
 
 def _as_state_dict(obj: object, where: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # a Lightning checkpoint
     if isinstance(obj, Mapping) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):

@@ -172,3 +172,87 @@ class CheckpointSummary:
     new_bytes: int
     latest: bool
     best: bool
+
+
+@dataclass(frozen=True)
+class GlobalRef:
+    """A global (``module.name``) a pickled checkpoint refers to, as ``scan`` found it.
+
+    Attributes:
+        name: as written in the file (``"collections.OrderedDict"``, ``"os.system"``).
+        allowed: on torchvault's allowlist of data types; False means loading the file with
+            ``torch.load(weights_only=False)`` would import and possibly run it.
+        count: how many times the file names it.
+    """
+
+    name: str
+    allowed: bool
+    count: int
+
+
+@dataclass(frozen=True)
+class ScanReport:
+    """What :func:`torchvault.scan` found in a file or folder, without running anything.
+
+    Attributes:
+        path: the file or folder scanned.
+        format: ``"torchvault"``, ``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"``,
+            ``"pickle"``, ``"hf-folder"`` or ``"unknown"``.
+        globals: every global the pickles name, allowed or refused.
+        anomalies: container or data problems (bad CRC, malformed records, refused opcodes).
+        files: the files scanned (one, or each file of a folder).
+    """
+
+    path: str
+    format: str
+    globals: tuple[GlobalRef, ...] = ()
+    anomalies: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+
+    @property
+    def unsafe_globals(self) -> tuple[str, ...]:
+        """The names of refused globals."""
+        return tuple(ref.name for ref in self.globals if not ref.allowed)
+
+    @property
+    def safe(self) -> bool:
+        """True when nothing is refused and nothing is malformed."""
+        return not self.anomalies and not self.unsafe_globals
+
+
+@dataclass(frozen=True)
+class SalvageReport:
+    """The weights recovered from a whole pickled model by ``load_legacy(salvage=True)``.
+
+    Attributes:
+        path: the file read.
+        state_dict: every tensor by its dotted state-dict name.
+        classes: the classes (``module.QualName``) the file referred to; none was imported.
+    """
+
+    path: str
+    state_dict: dict[str, object]
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What :func:`torchvault.convert` wrote.
+
+    Attributes:
+        source: the file or folder read.
+        destination: the file or folder written.
+        format: ``"torchvault"``, ``"safetensors"`` or ``"hf"``.
+        tensors: tensors written (aliases of one storage count once).
+        bytes: tensor bytes written.
+        aliases: ``(name, stored_as)`` pairs for tensors stored once under another name.
+        files: the files written.
+    """
+
+    source: str
+    destination: str
+    format: str
+    tensors: int
+    bytes: int
+    aliases: tuple[tuple[str, str], ...] = ()
+    files: tuple[str, ...] = ()

@@ -7,6 +7,7 @@ would already catch for that kind of failure::
     ├── CheckpointNotFoundError(FileNotFoundError)   no file or folder at the path
     ├── CorruptCheckpointError(ValueError)           malformed, truncated or checksum mismatch
     ├── UnsupportedFormatError(ValueError)           written by a newer torchvault, or not ours
+    ├── UnsafeCheckpointError(ValueError)            a pickle names code torchvault will not run
     ├── UnsupportedTypeError(TypeError)              a value the format cannot hold
     ├── StateDictMismatchError(RuntimeError)         load_into found keys or shapes that differ
     ├── RestoreMismatchError(RuntimeError)           restore found items without a target
@@ -28,6 +29,7 @@ __all__ = [
     "RunLockedError",
     "StateDictMismatchError",
     "TorchVaultError",
+    "UnsafeCheckpointError",
     "UnsupportedFormatError",
     "UnsupportedTypeError",
 ]
@@ -63,6 +65,25 @@ class CorruptCheckpointError(TorchVaultError, ValueError):
 
 class UnsupportedFormatError(TorchVaultError, ValueError):
     """The file is not a format this version of torchvault reads (too new, or foreign)."""
+
+
+class UnsafeCheckpointError(TorchVaultError, ValueError):
+    """A pickled checkpoint refers to a global (a function or class) outside the allowlist,
+    or uses an opcode that only running code needs. Nothing from the file was run.
+
+    Attributes:
+        global_name: the refused ``module.name``, when a global was the reason.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        global_name: str | None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(message, path=path)
+        self.global_name = global_name
 
 
 class UnsupportedTypeError(TorchVaultError, TypeError):

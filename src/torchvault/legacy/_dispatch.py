@@ -1,0 +1,60 @@
+"""Where ``tv.load``, ``tv.load_into`` and ``tv.inspect`` hand over what is not a torchvault
+or safetensors file: torch.save files and Hugging Face model folders."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._file import _gc_paused
+from .._report import CheckpointInfo, TensorInfo
+from .._tensors import MapLocation
+from .._tree import flatten
+from ._hf import load_folder
+from ._reader import Session, is_foreign, open_mapped, read
+
+__all__ = ["inspect", "is_foreign", "load"]
+
+
+def load(path: str | os.PathLike[str], *, map_location: MapLocation = "cpu") -> object:
+    """A torch.save file through the restricted reader, or a model folder's state dict."""
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        return load_folder(name, map_location=map_location)
+    name, data = open_mapped(name)
+    with _gc_paused():
+        return read(Session(name, map_location=map_location), data)
+
+
+def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Describe a torch.save file or a model folder (tensors are mapped, not read)."""
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        obj: object = load_folder(name)
+        kind, size = "hf-folder", _folder_bytes(name)
+    else:
+        name, data = open_mapped(name)
+        session = Session(name)
+        with _gc_paused():
+            obj = read(session, data)
+        kind, size = session.format, len(data)
+    tensors = tuple(
+        TensorInfo(
+            key, str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel() * t.element_size()
+        )
+        for key, t in flatten(obj)
+        if isinstance(t, torch.Tensor)
+    )
+    return CheckpointInfo(
+        path=name, format=kind, format_version=None, tensors=tensors, file_bytes=size,
+        metadata={}, versions={}, created=None,
+    )  # fmt: skip
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(folder, f))
+        for f in os.listdir(folder)
+        if os.path.isfile(os.path.join(folder, f))
+    )

@@ -1,0 +1,186 @@
+"""Hugging Face model folders: read them (single or sharded, safetensors or
+``pytorch_model.bin``) and write them (sharded safetensors with an index).
+
+The index is untrusted like every other byte: shard names must be plain file names inside
+the folder, and each shard must hold exactly the tensors the index assigns to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .. import _dtypes, _format
+from .._commit import atomic_file, make_dirs
+from .._tensors import MapLocation
+from ..errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+ALIASES = "torchvault.aliases"
+MAX_INDEX_BYTES = 64 << 20
+_SHARD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,200}")
+
+
+def is_model_folder(folder: str) -> bool:
+    return any(
+        os.path.isfile(os.path.join(folder, n))
+        for n in (SAFETENSORS, SAFETENSORS_INDEX, BIN, BIN_INDEX)
+    )
+
+
+def load_folder(folder: str, *, map_location: MapLocation = "cpu") -> dict[str, torch.Tensor]:
+    """The flat state dict of a Hugging Face model folder, tensors mapped lazily.
+
+    Tensors that torchvault's ``convert`` stored once under another name (tied weights)
+    come back under both names, as the same tensor.
+    """
+    aliases: dict[str, str] = {}
+    for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
+        if os.path.isfile(os.path.join(folder, index_name)):
+            state = _load_sharded(folder, index_name, map_location, aliases)
+            break
+        if os.path.isfile(os.path.join(folder, single)):
+            state = _load_shard(os.path.join(folder, single), map_location, aliases)
+            break
+    else:
+        raise UnsupportedFormatError(
+            f"{folder}: a folder without {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or "
+            f"{BIN_INDEX}; pass the path of a checkpoint file inside it",
+            path=folder,
+        )
+    for alias, stored in aliases.items():
+        if stored in state and alias not in state:
+            state[alias] = state[stored]
+    return state
+
+
+def _load_shard(
+    path: str, map_location: MapLocation, aliases: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    from .._contents import open_file
+    from .._file import load  # the native reader, or this package for .bin shards
+
+    state = load(path, map_location=map_location)
+    if path.endswith(".safetensors"):
+        aliases.update(_aliases(open_file(path)[0].header.metadata.get(ALIASES), path))
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise UnsupportedFormatError(
+            f"{path}: a model shard that is not a flat state dict", path=path
+        )
+    return dict(state)
+
+
+def _aliases(raw: str | None, path: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    aliases = _format.strict_json(raw.encode(), path, ALIASES)
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise CorruptCheckpointError(f"{path}: {ALIASES} is not a map of names", path=path)
+    return aliases
+
+
+def _load_sharded(
+    folder: str, index_name: str, map_location: MapLocation, aliases: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    index_path = os.path.join(folder, index_name)
+    weight_map = _weight_map(index_path)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        expected = {k for k, v in weight_map.items() if v == shard}
+        tensors = _load_shard(os.path.join(folder, shard), map_location, aliases)
+        if set(tensors) != expected:
+            missing = sorted(expected - set(tensors))[:5]
+            extra = sorted(set(tensors) - expected)[:5]
+            raise CorruptCheckpointError(
+                f"{index_path}: shard {shard} does not hold what the index says (missing "
+                f"{missing}, unlisted {extra}); the folder is incomplete or mixed up",
+                path=index_path,
+            )
+        state.update(tensors)
+    return state
+
+
+def _weight_map(index_path: str) -> dict[str, str]:
+    if os.path.getsize(index_path) > MAX_INDEX_BYTES:
+        raise CorruptCheckpointError(f"{index_path}: the index is over 64 MiB", path=index_path)
+    with open(index_path, "rb") as file:
+        index = _format.strict_json(file.read(), index_path, "the shard index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _SHARD.fullmatch(v) and ".." not in v
+        for k, v in weight_map.items()
+    ):
+        raise CorruptCheckpointError(
+            f"{index_path}: weight_map is not a map from tensor names to shard file names in "
+            "this folder",
+            path=index_path,
+        )
+    return weight_map
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> int:
+    """Write a strict, plain safetensors file atomically; return its tensor bytes."""
+    blobs = []
+    for name, tensor in tensors.items():
+        st_name = _dtypes.SAFETENSORS_NAME.get(tensor.dtype)
+        if st_name is None:
+            raise UnsupportedTypeError(
+                f"{name}: {tensor.dtype} has no safetensors dtype; convert to a torchvault "
+                "file instead (to='torchvault'), which stores it exactly",
+                key=name,
+            )
+        nbytes = tensor.numel() * tensor.element_size()
+        blobs.append(_format.Blob(name, st_name, tuple(tensor.shape), tensor, nbytes))
+    raw = _format.build_header(blobs, metadata)
+    with atomic_file(path) as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        _format.write_blobs(handle, blobs)
+    return sum(blob.nbytes for blob in blobs)
+
+
+def write_folder(
+    folder: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], max_shard_bytes: int
+) -> list[Path]:
+    """Write ``tensors`` as ``model.safetensors`` or shards with an index; return the files."""
+    make_dirs(folder)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if aliases:
+        metadata[ALIASES] = json.dumps(aliases, sort_keys=True)
+    if len(shards) == 1:
+        write_safetensors(folder / SAFETENSORS, shards[0], metadata)
+        return [folder / SAFETENSORS]
+    files, weight_map, total = [], {}, 0
+    for number, shard in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        total += write_safetensors(folder / name, shard, metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+        files.append(folder / name)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with atomic_file(folder / SAFETENSORS_INDEX) as handle:
+        handle.write(json.dumps(index, indent=2, sort_keys=True).encode())
+    return [*files, folder / SAFETENSORS_INDEX]

@@ -1,0 +1,404 @@
+"""Read torch.save files (zip and legacy stacked-pickle formats) without running their code.
+
+A :class:`Session` is one read of one file: its own allowlist table, its own record of every
+global the file named, and in ``permissive`` mode (scan, salvage) inert stubs in place of
+refused names, so that the whole stream can be walked and reported without building or
+calling anything the file asked for.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .._tensors import MapLocation
+from ..errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    TorchVaultError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+)
+from . import _allowlist
+from ._finish import finish
+from ._hf import is_model_folder
+from ._unpickler import Building, Global, Unpickler
+from ._zip import ZipArchive
+
+MAX_PICKLE_BYTES = 1 << 30
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+_KEY = re.compile(r"[0-9A-Za-z_.\-]{1,128}")
+_WRAPPERS = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"7z\xbc\xaf\x27\x1c": "7z",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
+
+class Stub(Global, Building):
+    """A refused name in permissive mode: it records what the stream did to it, runs nothing."""
+
+    what = "stub"
+
+    def __init__(self, name: str, args: tuple[Any, ...] = ()) -> None:
+        super().__init__(name)
+        self.args: object = args
+        self.state: object = None
+        self.items: list[object] = []
+        self.pairs: list[tuple[object, object]] = []
+
+    def call(self, args: tuple[Any, ...]) -> object:
+        return Stub(self.name, args)
+
+    def new(self, args: tuple[Any, ...]) -> object:
+        return Stub(self.name, args)
+
+    def build(self, state: object) -> None:
+        self.state = state
+
+    def setitem(self, key: object, value: object) -> None:
+        self.pairs.append((key, value))
+
+    def append(self, value: object) -> None:
+        self.items.append(value)
+
+    def value(self, finish: Callable[[object], object]) -> object:
+        self.args = finish(self.args)
+        self.state = finish(self.state)
+        self.items = [finish(item) for item in self.items]
+        self.pairs = [(finish(k), finish(v)) for k, v in self.pairs]
+        return self
+
+
+class Session:
+    """One read of one file."""
+
+    def __init__(
+        self, path: str, *, map_location: MapLocation = "cpu", permissive: bool = False
+    ) -> None:
+        self.path = path
+        self.map_location = map_location
+        self.permissive = permissive
+        self.seen: Counter[str] = Counter()
+        self.refused: set[str] = set()
+        self.anomalies: list[str] = []
+        self.format = "unknown"
+        self.table = _allowlist.table(_allowlist.Context(self._device))
+        self.storages: dict[str, _allowlist.Storage] = {}
+        self._devices: dict[str, torch.device] = {}
+
+    # -- the unpickler's callbacks ------------------------------------------------------
+
+    def resolve(self, module: str, name: str) -> object:
+        written = f"{module}.{name}"
+        self.seen[written] += 1
+        entry = self.table.get(_allowlist.canonical(module, name))
+        if entry is not None:
+            return entry
+        self.refused.add(written)
+        if self.permissive:
+            return Stub(written)
+        raise UnsafeCheckpointError(
+            f"{self.path}: the pickle refers to {written}, which is not on torchvault's "
+            "allowlist of data types; loading it with torch.load(weights_only=False) would run "
+            "it. Nothing was run. If this is a whole model saved with torch.save(model), "
+            "recover its weights with tv.load_legacy(path, salvage=True).",
+            global_name=written,
+            path=self.path,
+        )
+
+    def recover(self, exc: TorchVaultError) -> object:
+        self.anomalies.append(exc.message)
+        if isinstance(exc, UnsafeCheckpointError) and exc.global_name:
+            self.refused.add(exc.global_name)
+        return Stub("<rejected>")
+
+    def storage(self, pid: object, with_view: bool) -> _allowlist.Storage:
+        width = 6 if with_view else 5
+        if not (isinstance(pid, tuple) and len(pid) == width and pid[0] == "storage"):
+            raise CorruptCheckpointError(
+                f"a persistent id {pid!r:.80} is not a ('storage', ...) record"
+            )
+        kind, key, location, numel = pid[1:5]
+        if with_view and pid[5] is not None:
+            raise UnsupportedFormatError(
+                "uses storage views (torch < 0.4); re-save it with a newer torch"
+            )
+        if not isinstance(kind, _allowlist.StorageType):
+            raise CorruptCheckpointError("a storage has no storage type")
+        if not (isinstance(key, str) and _KEY.fullmatch(key) and isinstance(location, str)):
+            raise CorruptCheckpointError(f"storage key {key!r:.80} is malformed")
+        if type(numel) is not int or numel < 0:
+            raise CorruptCheckpointError(f"storage {key} has a malformed size")
+        known = self.storages.get(key)
+        if known is None:
+            known = _allowlist.Storage(key, kind.dtype, numel, location)
+            self.storages[key] = known
+        elif known.nbytes != numel * (1 if kind.dtype is None else kind.dtype.itemsize):
+            raise CorruptCheckpointError(f"storage {key} is declared twice with different sizes")
+        return known
+
+    def _device(self, saved: str) -> torch.device:
+        device = self._devices.get(saved)
+        if device is None:
+            where = self.map_location
+            if isinstance(where, Mapping):
+                where = where.get(saved, saved)
+            if where is None:
+                where = saved
+            if isinstance(where, str) and not _allowlist._DEVICE.fullmatch(where):
+                raise CorruptCheckpointError(
+                    f"{self.path}: a tensor was saved on device {saved!r:.40}, which is not a "
+                    "device name; pass map_location='cpu'"
+                )
+            device = torch.device(where)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UnsupportedFormatError(
+                    f"{self.path}: tensors were saved on {saved} and CUDA is not available "
+                    "here; pass map_location='cpu'",
+                    path=self.path,
+                )
+            self._devices[saved] = device
+        return device
+
+    # -- running a stream ------------------------------------------------------------------
+
+    def unpickle(
+        self, data: memoryview | bytes, start: int, *, legacy_ids: bool
+    ) -> tuple[object, int]:
+        def persistent_load(pid: object) -> object:
+            return self.storage(pid, legacy_ids)
+
+        unpickler = Unpickler(
+            data,
+            resolve=self.resolve,
+            persistent_load=persistent_load,
+            start=start,
+            recover=self.recover if self.permissive else None,
+        )
+        try:
+            return unpickler.load()
+        except TorchVaultError as exc:
+            raise _located(exc, self.path) from exc
+
+    def finish(self, obj: object) -> object:
+        try:
+            return finish(obj, keep=lambda o: isinstance(o, Stub))
+        except TorchVaultError as exc:
+            raise _located(exc, self.path) from exc
+
+
+def _located(exc: TorchVaultError, path: str) -> TorchVaultError:
+    """``exc`` with the file named, if it did not name one."""
+    if exc.path is not None:
+        return exc
+    message = f"{path}: {exc.message}"
+    if isinstance(exc, UnsafeCheckpointError):
+        return UnsafeCheckpointError(message, global_name=exc.global_name, path=path)
+    return type(exc)(message, path=path)
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def open_mapped(path: str | os.PathLike[str]) -> tuple[str, mmap.mmap | bytes]:
+    """A private copy-on-write map of the file (or its bytes, when empty)."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size == 0:
+                return name, b""
+            return name, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{name}: no such file", path=name) from None
+    except IsADirectoryError:
+        raise UnsupportedFormatError(
+            f"{name}: is a folder, not a checkpoint file", path=name
+        ) from None
+
+
+def is_foreign(path: str | os.PathLike[str]) -> bool:
+    """True for a model folder or a torch.save file: what ``tv.load`` hands to this package."""
+    if os.path.isdir(path):
+        return is_model_folder(os.fspath(path))
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        return False  # the native reader reports it
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def sniff(data: mmap.mmap | bytes) -> str:
+    """The container kind from the first bytes: zip, pickle, tar or a named wrapper."""
+    head = bytes(data[:8])
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if len(data) > 262 and data[257:262] == b"ustar":
+        return "tar"
+    for magic, name in _WRAPPERS.items():
+        if head.startswith(magic):
+            return name
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
+        return "pickle"
+    return "unknown"
+
+
+def read(session: Session, data: mmap.mmap | bytes) -> object:
+    """The object in a torch.save file, unpickled by ``session``, finished."""
+    kind = sniff(data)
+    if kind == "zip":
+        return session.finish(_read_zip(session, ZipArchive(data, session.path)))
+    if kind == "pickle":
+        return session.finish(_read_pickles(session, data))
+    raise unsupported(session.path, kind)
+
+
+def unsupported(path: str, kind: str) -> UnsupportedFormatError:
+    if kind == "tar":
+        why = (
+            "is in the tar format of torch < 0.4; the restricted reader does not read it. "
+            "Re-save it with torch >= 1.6 inside a sandbox, then convert it"
+        )
+    elif kind in _WRAPPERS.values():
+        why = (
+            f"is wrapped in {kind} compression; decompress it yourself (checking its size) "
+            "and open the inner file, so that no archive can expand without limit"
+        )
+    else:
+        why = "is not a torch.save file (zip or pickle), a torchvault file or a safetensors file"
+    return UnsupportedFormatError(f"{path}: {why}.", path=path)
+
+
+def _read_zip(session: Session, archive: ZipArchive) -> object:
+    path = session.path
+    session.format = "torch-zip"
+    if archive.find("constants.pkl") or any("/code/" in n for n in archive.entries):
+        raise UnsupportedFormatError(
+            f"{path}: is a TorchScript archive (torch.jit.save). Loading one runs its code "
+            "(CVE-2025-32434 used exactly this); torchvault reads weights only. Export the "
+            "weights with torch.jit.load in a sandbox and save model.state_dict().",
+            path=path,
+        )
+    pickle = archive.find("data.pkl")
+    if pickle is None:
+        raise UnsupportedFormatError(
+            f"{path}: is a zip archive without data.pkl, so not a torch.save file",
+            path=path,
+        )
+    order = archive.find("byteorder")
+    if order is not None and bytes(archive.read(order)) != b"little":
+        raise UnsupportedFormatError(
+            f"{path}: was saved on a big-endian machine; the legacy reader reads little-endian "
+            "files only",
+            path=path,
+        )
+    if pickle.size > MAX_PICKLE_BYTES:
+        raise CorruptCheckpointError(f"{path}: data.pkl is larger than 1 GiB", path=path)
+    obj, end = session.unpickle(archive.read(pickle), 0, legacy_ids=False)
+    if end != pickle.size:
+        raise CorruptCheckpointError(
+            f"{path}: data.pkl has {pickle.size - end} bytes after its STOP opcode (a second, "
+            "hidden pickle?)",
+            path=path,
+        )
+    for storage in session.storages.values():
+        entry = archive.find(f"data/{storage.key}")
+        if entry is None:
+            raise CorruptCheckpointError(
+                f"{path}: storage {storage.key} has no data/{storage.key} entry", path=path
+            )
+        if entry.size != storage.nbytes:
+            raise CorruptCheckpointError(
+                f"{path}: storage {storage.key} declares {storage.nbytes} bytes but its entry "
+                f"holds {entry.size}",
+                path=path,
+            )
+        archive.read(entry)  # CRC
+        storage.data = _bytes_tensor(archive.data, entry.start, entry.size)
+    return obj
+
+
+def _bytes_tensor(data: mmap.mmap | bytes, start: int, size: int) -> torch.Tensor:
+    if size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    tensor = torch.frombuffer(data, dtype=torch.uint8, count=size, offset=start)
+    # a crafted file can misalign storages; keep every dtype view aligned
+    return tensor if start % 16 == 0 else tensor.clone()
+
+
+def _read_pickles(session: Session, data: mmap.mmap | bytes) -> object:
+    view = memoryview(data)
+    first, at = session.unpickle(view, 0, legacy_ids=True)
+    session.format = "torch-legacy" if first == LEGACY_MAGIC else "pickle"
+    if first != LEGACY_MAGIC:
+        if at != len(view):
+            raise CorruptCheckpointError(
+                f"{session.path}: a pickle followed by {len(view) - at} more bytes; a "
+                "torch.save file of the legacy format starts with its magic number",
+                path=session.path,
+            )
+        if session.storages:
+            raise CorruptCheckpointError(
+                f"{session.path}: a bare pickle refers to tensor storages it does not hold",
+                path=session.path,
+            )
+        return first
+    protocol, at = session.unpickle(view, at, legacy_ids=True)
+    if protocol != LEGACY_PROTOCOL:
+        raise UnsupportedFormatError(
+            f"{session.path}: legacy protocol {protocol!r:.20} (torchvault reads {LEGACY_PROTOCOL})",
+            path=session.path,
+        )
+    info, at = session.unpickle(view, at, legacy_ids=True)
+    if not isinstance(info, dict) or info.get("little_endian") is not True:
+        raise UnsupportedFormatError(
+            f"{session.path}: was saved on a big-endian machine or has no system record",
+            path=session.path,
+        )
+    obj, at = session.unpickle(view, at, legacy_ids=True)
+    keys, at = session.unpickle(view, at, legacy_ids=True)
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)) or sorted(
+        keys
+    ) != sorted(session.storages):
+        raise CorruptCheckpointError(
+            f"{session.path}: the storage key list does not match the storages the pickle uses",
+            path=session.path,
+        )
+    for key in keys:
+        at = _legacy_storage(session, data, at, session.storages[key])
+    if at != len(view):
+        raise CorruptCheckpointError(
+            f"{session.path}: {len(view) - at} unexplained bytes after the last storage",
+            path=session.path,
+        )
+    return obj
+
+
+def _legacy_storage(
+    session: Session, data: mmap.mmap | bytes, at: int, storage: _allowlist.Storage
+) -> int:
+    if at + 8 > len(data):
+        raise CorruptCheckpointError(
+            f"{session.path}: truncated before storage {storage.key}", path=session.path
+        )
+    count = int.from_bytes(data[at : at + 8], "little")
+    itemsize = 1 if storage.dtype is None else storage.dtype.itemsize
+    if count * itemsize != storage.nbytes or at + 8 + storage.nbytes > len(data):
+        raise CorruptCheckpointError(
+            f"{session.path}: storage {storage.key} declares {storage.nbytes} bytes but holds "
+            f"{count * itemsize} (or the file is truncated)",
+            path=session.path,
+        )
+    storage.data = _bytes_tensor(data, at + 8, storage.nbytes)
+    return at + 8 + storage.nbytes
