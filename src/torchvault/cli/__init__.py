@@ -10,6 +10,8 @@ Usage::
     torchvault prune RUN [--keep-last N] [--keep-best K --monitor M [--mode min|max]]
                          [--keep-every N] [--dry-run] [--json]
     torchvault export RUN [--step latest|best|N] OUT [--item NAME]
+    torchvault scan PATH... [--json]       # every global a torch.save file names; runs nothing
+    torchvault convert SRC DST [--to torchvault|safetensors|hf] [--max-shard-size SIZE] [--json]
     torchvault --version
 
 ``RUN`` is a run folder, the directory given to ``tv.CheckpointManager``. ``ls``, ``diff``,
@@ -17,7 +19,11 @@ Usage::
 writes the run. ``prune`` takes the run's writer lock; while a trainer holds it, prune
 deletes nothing and exits 1. ``prune`` with no policy flag is a usage error (exit 2). ``diff``
 exits 0 whether or not the checkpoints differ, unless ``--exit-code`` is given: then 1 means
-they differ. Long operations draw a progress bar on stderr when it is a terminal.
+they differ. ``scan`` and ``convert`` read torch.save files (.pt, .pth, .bin, .ckpt) and
+Hugging Face folders without importing or running anything they name: ``scan`` exits 1 when
+any PATH names a global outside the allowlist (a model class, ``os.system``) or is malformed;
+``convert`` refuses such a file (exit 1) and writes nothing. Long operations draw a progress
+bar on stderr when it is a terminal.
 
 Exit codes::
 
@@ -42,7 +48,7 @@ import sys
 import torch
 
 from .._version import __version__
-from . import _run_commands  # noqa: F401  (registers ls, diff, prune, export)
+from . import _legacy_commands, _run_commands  # noqa: F401  (register the commands)
 from ._commands import COMMANDS, Command
 from ._exit import EPILOG, ExitCode, UsageError, one_line, report
 

@@ -23,7 +23,7 @@ from ..errors import CorruptCheckpointError, UnsupportedFormatError, Unsupported
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-ALIASES = "torchvault.aliases"
+ALIASES = "aliases"  # a plain key: the torchvault. prefix marks sealed headers
 MAX_INDEX_BYTES = 64 << 20
 _SHARD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,200}")
 

@@ -324,8 +324,9 @@ def _read_zip(session: Session, archive: ZipArchive) -> object:
                 f"holds {entry.size}",
                 path=path,
             )
-        archive.read(entry)  # CRC
         storage.data = _bytes_tensor(archive.data, entry.start, entry.size)
+    for entry in archive.entries.values():
+        archive.read(entry)  # every CRC, the records torch ignores included
     return obj
 
 

@@ -1,0 +1,224 @@
+"""The commands for the world's existing checkpoints: ``scan`` and ``convert``.
+
+Both read pickled files (torch.save's zip and stacked-pickle formats) with torchvault's own
+restricted reader: nothing a file names is imported or run. ``scan`` reports every global a
+file names and exits 1 when any is refused or anything is malformed, so that it can guard a
+download in a script::
+
+    torchvault scan downloads/model.bin && python train.py --init downloads/model.bin
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+import torchvault as tv
+
+from .._report import ConvertReport, GlobalRef, ScanReport
+from ..errors import CheckpointNotFoundError
+from ..legacy._convert import parse_size
+from ._commands import JSON, Argument, command, print_json
+from ._exit import ExitCode, UsageError, one_line
+from ._progress import Progress
+from ._render import human_bytes, table
+
+SCAN_ARGUMENTS = (
+    Argument(
+        ("paths",),
+        {
+            "nargs": "+",
+            "metavar": "PATH",
+            "help": "a checkpoint file (.pt .pth .bin .ckpt .safetensors .tv) or a folder of them",
+        },
+    ),
+    JSON,
+)
+
+
+def shard_size(text: str) -> int:
+    """argparse type: a size in bytes, or like ``500MB`` or ``2GiB``; at least one byte."""
+    try:
+        value = parse_size(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500MB, 2GiB or 1048576")
+    return value
+
+
+CONVERT_ARGUMENTS = (
+    Argument(
+        ("source",),
+        {"metavar": "SRC", "help": "a torch.save, safetensors or torchvault file, or a HF folder"},
+    ),
+    Argument(
+        ("destination",),
+        {"metavar": "DST", "help": "the file (or, with --to hf, the folder) to write"},
+    ),
+    Argument(
+        ("--to",),
+        {
+            "choices": ("torchvault", "safetensors", "hf"),
+            "default": "torchvault",
+            "help": "the format to write (default: torchvault)",
+        },
+    ),
+    Argument(
+        ("--max-shard-size",),
+        {
+            "type": shard_size,
+            "metavar": "SIZE",
+            "help": "with --to hf: the largest shard, e.g. 500MB or 2GiB (default: 5GB)",
+        },
+    ),
+    JSON,
+)
+
+
+# ---------------------------------------------------------------------- scan
+
+
+@command("scan", arguments=SCAN_ARGUMENTS)
+def scan(args: argparse.Namespace) -> int:
+    """Report every global a checkpoint's pickles name, and anything malformed; run nothing.
+
+    Each PATH is a file or a folder (every checkpoint file directly inside it). A global is
+    allowed when it is on torchvault's allowlist of data types; any other (a model class,
+    os.system) is REFUSED: torch.load(weights_only=False) would import and possibly run it.
+    scan only reads: nothing from the files is imported or run.
+
+    Exits 0 when every path is safe, 1 when any names a refused global or is malformed, and
+    3 when a path does not exist (before anything is scanned).
+    """
+    paths: list[str] = args.paths
+    for path in paths:
+        if not os.path.lexists(path):
+            raise CheckpointNotFoundError(f"{path}: no such file or folder", path=path)
+    reports = []
+    for path in paths:
+        with Progress(f"scanning {path}") as progress, progress.ticking():
+            reports.append(tv.scan(path))
+    if args.json:
+        print_json(scan_json(reports))
+    else:
+        print(scan_text(reports))
+    return ExitCode.OK if all(r.safe for r in reports) else ExitCode.INVALID
+
+
+def scan_text(reports: list[ScanReport]) -> str:
+    """The ``torchvault scan`` report: a block per path, then the verdict."""
+    lines: list[str] = []
+    for report in reports:
+        lines += [*_scan_block(report), ""]
+    unsafe = [r for r in reports if not r.safe]
+    if not unsafe:
+        count = len(reports)
+        lines.append(
+            f"safe: {count} path{'' if count == 1 else 's'}, every global allowed, nothing "
+            "malformed; nothing was run"
+        )
+        return "\n".join(lines)
+    reasons = "; ".join(f"{one_line(r.path)} ({_problems(r)})" for r in unsafe)
+    lines.append(
+        f"UNSAFE: {len(unsafe)} of {len(reports)} paths: {reasons}. Nothing was run; do not "
+        "torch.load these with weights_only=False"
+    )
+    return "\n".join(lines)
+
+
+def _scan_block(report: ScanReport) -> list[str]:
+    files = f", {len(report.files)} files" if report.format in ("folder", "hf-folder") else ""
+    refused = len(report.unsafe_globals)
+    status = f"UNSAFE, {refused} refused" if refused else ("UNSAFE" if not report.safe else "safe")
+    lines = [f"{one_line(report.path)}: {report.format}{files}; {status}"]
+    if report.globals:
+        rows = [_global_row(ref) for ref in sorted(report.globals, key=_refused_first)]
+        lines += _indent(table(["status", "global", "count"], rows, right={2}))
+    else:
+        lines.append("  no pickled globals")
+    lines += [f"  anomaly: {one_line(text)}" for text in report.anomalies]
+    return lines
+
+
+def _refused_first(ref: GlobalRef) -> tuple[bool, str]:
+    return (ref.allowed, ref.name)
+
+
+def _global_row(ref: GlobalRef) -> list[str]:
+    return ["allowed" if ref.allowed else "REFUSED", one_line(ref.name), str(ref.count)]
+
+
+def _problems(report: ScanReport) -> str:
+    parts = []
+    if report.unsafe_globals:
+        parts.append("refused " + ", ".join(one_line(n) for n in report.unsafe_globals))
+    if report.anomalies:
+        count = len(report.anomalies)
+        parts.append(f"{count} anomal{'y' if count == 1 else 'ies'}")
+    return "; ".join(parts)
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return [f"  {line}" for line in lines]
+
+
+def scan_json(reports: list[ScanReport]) -> dict[str, Any]:
+    """The ``torchvault scan --json`` object: the overall verdict and one entry per path."""
+    return {
+        "safe": all(r.safe for r in reports),
+        "reports": [
+            {**dataclasses.asdict(r), "safe": r.safe, "unsafe_globals": list(r.unsafe_globals)}
+            for r in reports
+        ],
+    }
+
+
+# ---------------------------------------------------------------------- convert
+
+
+@command("convert", arguments=CONVERT_ARGUMENTS)
+def convert(args: argparse.Namespace) -> int:
+    """Rewrite a checkpoint as torchvault, safetensors or a Hugging Face folder; run nothing.
+
+    SRC is read with torchvault's restricted reader: a file that names a refused global (a
+    whole model saved with torch.save(model), or worse) is refused with exit 1 and nothing
+    is written. --to safetensors and --to hf need a flat state dict (names to tensors); a
+    Lightning checkpoint's state_dict is taken from it. Tied weights are stored once and the
+    other names recorded as aliases. Files are replaced atomically.
+    """
+    options: dict[str, Any] = {"to": args.to}
+    if args.max_shard_size is not None:
+        if args.to != "hf":
+            raise UsageError("--max-shard-size applies only to --to hf")
+        options["max_shard_size"] = args.max_shard_size
+    with Progress(f"converting {args.source}") as progress, progress.ticking():
+        report = tv.convert(args.source, args.destination, **options)
+    if args.json:
+        print_json(convert_json(report))
+    else:
+        print(convert_text(report))
+    return ExitCode.OK
+
+
+def convert_text(report: ConvertReport) -> str:
+    """The ``torchvault convert`` report: what was written, file by file, and the aliases."""
+    count = report.tensors
+    lines = [
+        f"converted {one_line(report.source)} to {report.format} at "
+        f"{one_line(report.destination)}: {count} tensor{'' if count == 1 else 's'}, "
+        f"{human_bytes(report.bytes)} in {len(report.files)} file"
+        f"{'' if len(report.files) == 1 else 's'}",
+        *(f"  {one_line(path)}" for path in report.files),
+    ]
+    if report.aliases:
+        lines.append(f"aliases ({len(report.aliases)}, stored once under another name):")
+        lines += [f"  {one_line(name)} -> {one_line(kept)}" for name, kept in report.aliases]
+    return "\n".join(lines)
+
+
+def convert_json(report: ConvertReport) -> dict[str, Any]:
+    """The ``torchvault convert --json`` object."""
+    return {**dataclasses.asdict(report), "aliases": dict(report.aliases)}

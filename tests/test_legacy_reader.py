@@ -1,0 +1,450 @@
+"""The restricted reader's own guarantees: fault injection on torch.save files (truncation,
+bit flips, fuzzing), the anti-patterns of security anchor section 3 (no unsafe fallback,
+no process-wide state, nothing imported), salvage, model folders and convert's aliases.
+
+The malicious-sample corpus lives in test_legacy_attacks.py and the real-library files in
+test_legacy_interop.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import random
+import struct
+import sys
+import threading
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torchvault as tv
+from torchvault.legacy import _unpickler
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+SOAK = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _state() -> dict[str, object]:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    return OrderedDict(
+        weight=base,
+        column=base[:, 2],
+        half=torch.ones(3, dtype=torch.float16),
+        step=torch.tensor(7),
+        meta={"lr": 0.1, "betas": (0.9, 0.999), "name": "adamw"},
+    )
+
+
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("legacy")
+    files = {"zip": folder / "state.pt", "stacked": folder / "state-legacy.pt"}
+    torch.save(_state(), files["zip"])
+    torch.save(_state(), files["stacked"], _use_new_zipfile_serialization=False)
+    return files
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))  # type: ignore[arg-type]
+    return a == b
+
+
+@pytest.mark.parametrize("kind", ["zip", "stacked"])
+def test_reads_both_torch_formats_exactly(small_files: dict[str, Path], kind: str) -> None:
+    got = tv.load_legacy(small_files[kind])
+    assert _same(torch.load(small_files[kind], weights_only=True), got)
+    assert isinstance(got, OrderedDict)
+    assert got["column"].untyped_storage().data_ptr() == got["weight"].untyped_storage().data_ptr()
+
+
+def _zip_boundaries(data: bytes) -> set[int]:
+    """Every structural offset of a zip: local headers, data starts and ends, descriptors,
+    central directory entries, ZIP64 records and the end record."""
+    marks = {0, len(data)}
+    for signature in (
+        b"PK\x03\x04",
+        b"PK\x07\x08",
+        b"PK\x01\x02",
+        b"PK\x06\x06",
+        b"PK\x06\x07",
+        b"PK\x05\x06",
+    ):
+        at = data.find(signature)
+        while at >= 0:
+            marks.add(at)
+            at = data.find(signature, at + 1)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            start = (
+                info.header_offset
+                + 30
+                + len(info.filename.encode())
+                + _local_extra(data, info.header_offset)
+            )
+            marks.update((start, start + info.file_size))
+    return marks
+
+
+def _local_extra(data: bytes, offset: int) -> int:
+    (extra,) = struct.unpack_from("<H", data, offset + 28)
+    return int(extra)
+
+
+def _lengths(data: bytes, boundaries: set[int]) -> list[int]:
+    lengths = {0, 1, 7, 8, 9, 15, 16}
+    for mark in boundaries:
+        lengths.update((mark - 1, mark, mark + 1))
+    lengths.update(range(0, len(data), max(1, len(data) // 64)))
+    return sorted(n for n in lengths if 0 <= n < len(data))
+
+
+@pytest.mark.parametrize("kind", ["zip", "stacked"])
+def test_every_truncation_is_a_typed_error(
+    small_files: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
+    data = small_files[kind].read_bytes()
+    boundaries = _zip_boundaries(data) if kind == "zip" else {0, len(data)}
+    lengths = _lengths(data, boundaries)
+    assert len(lengths) >= 60
+    for length in lengths:
+        cut = tmp_path / f"cut-{length}.pt"
+        cut.write_bytes(data[:length])
+        with pytest.raises(tv.TorchVaultError):
+            tv.load_legacy(cut)
+
+
+def _entry_bytes(data: bytes) -> set[int]:
+    """The offsets of every entry's stored bytes (the pickle, the tensors, the records)."""
+    covered: set[int] = set()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            start = (
+                info.header_offset
+                + 30
+                + len(info.filename)
+                + _local_extra(data, info.header_offset)
+            )
+            covered.update(range(start, start + info.file_size))
+    return covered
+
+
+def test_every_bit_flip_is_detected_or_harmless(
+    small_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """A flipped bit in any entry's bytes is always an error (the CRC); anywhere else
+    (timestamps, alignment padding) it is an error or leaves the loaded values
+    bit-identical. torch.load checks no CRC at all."""
+    data = bytearray(small_files["zip"].read_bytes())
+    expected = torch.load(small_files["zip"], weights_only=True)
+    stored = _entry_bytes(bytes(data))
+    rng = random.Random(4)
+    positions = [(i // 8, i % 8) for i in range(512)]
+    positions += [(rng.randrange(len(data)), rng.randrange(8)) for _ in range(256)]
+    positions += [(rng.choice(sorted(stored)), rng.randrange(8)) for _ in range(256)]
+    for offset, bit in positions:
+        data[offset] ^= 1 << bit
+        flipped = tmp_path / "flip.pt"
+        flipped.write_bytes(data)
+        data[offset] ^= 1 << bit
+        try:
+            got = tv.load_legacy(flipped)
+        except tv.TorchVaultError:
+            continue
+        assert offset not in stored, f"bit {bit} of stored byte {offset} went undetected"
+        assert _same(expected, got), f"bit {bit} of byte {offset} changed the data silently"
+
+
+def test_a_flipped_tensor_byte_names_the_entry_and_the_crc(
+    small_files: dict[str, Path], tmp_path: Path
+) -> None:
+    data = bytearray(small_files["zip"].read_bytes())
+    with zipfile.ZipFile(small_files["zip"]) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    start = (
+        info.header_offset + 30 + len(info.filename) + _local_extra(bytes(data), info.header_offset)
+    )
+    data[start + 5] ^= 0x10
+    flipped = tmp_path / "flip.pt"
+    flipped.write_bytes(data)
+    with pytest.raises(tv.CorruptCheckpointError, match=r"data/0.*CRC-32") as caught:
+        tv.load_legacy(flipped)
+    assert caught.value.path == str(flipped)
+
+
+def test_zip_entries_must_be_stored_not_compressed(tmp_path: Path) -> None:
+    source = tmp_path / "state.pt"
+    torch.save({"w": torch.zeros(1000)}, source)
+    deflated = tmp_path / "deflated.pt"
+    with (
+        zipfile.ZipFile(source) as src,
+        zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(tv.UnsupportedFormatError, match="compressed"):
+        tv.load_legacy(deflated)
+
+
+def test_junk_before_or_after_the_archive_is_refused(
+    small_files: dict[str, Path], tmp_path: Path
+) -> None:
+    data = small_files["zip"].read_bytes()
+    for name, body in (("prefix", b"\x80\x02junk" + data), ("suffix", data + b"tail")):
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(body)
+        with pytest.raises(tv.TorchVaultError):
+            tv.load_legacy(path)
+
+
+# -- anti-patterns ---------------------------------------------------------------------------
+
+
+def _evil_pickle(module: str, name: str, marker: Path) -> bytes:
+    return (
+        b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\nq\x00X"
+        + struct.pack("<I", len(f"touch {marker}")) + f"touch {marker}".encode() + b"\x85R."
+    )  # fmt: skip
+
+
+def test_no_unsafe_loader_is_ever_called(
+    small_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(*args: object, **kwargs: object) -> object:
+        raise AssertionError("an unsafe loader was called")
+
+    for target, name in ((torch, "load"), (torch.jit, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(target, name, forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    tv.load_legacy(small_files["zip"])
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(_evil_pickle("os", "system", tmp_path / "marker"))
+    with pytest.raises(tv.UnsafeCheckpointError):
+        tv.load_legacy(evil)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_force_unsafe_environment_variables_are_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0")
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(_evil_pickle("os", "system", tmp_path / "marker"))
+    with pytest.raises(tv.UnsafeCheckpointError, match=r"os\.system"):
+        tv.load_legacy(evil)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_a_refused_name_is_never_imported(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pt"
+    module = "torchvault_test_module_that_must_not_be_imported"
+    evil.write_bytes(_evil_pickle(module, "run", tmp_path / "marker"))
+    before = set(sys.modules)
+    with pytest.raises(tv.UnsafeCheckpointError) as caught:
+        tv.load_legacy(evil)
+    assert caught.value.global_name == f"{module}.run"
+    assert module not in sys.modules
+    assert set(sys.modules) - before == set()
+
+
+def test_concurrent_loads_share_no_state(small_files: dict[str, Path], tmp_path: Path) -> None:
+    """A salvage (permissive) read in one thread never makes a strict read in another
+    accept a refused name: each call has its own table."""
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(_evil_pickle("os", "system", tmp_path / "marker"))
+    failures: list[str] = []
+
+    def strict() -> None:
+        for _ in range(50):
+            try:
+                tv.load_legacy(evil)
+                failures.append("a strict load accepted os.system")
+            except tv.UnsafeCheckpointError:
+                pass
+            tv.load_legacy(small_files["zip"])
+
+    def permissive() -> None:
+        for _ in range(50):
+            tv.scan(evil)
+            with contextlib.suppress(tv.TorchVaultError):
+                tv.load_legacy(evil, salvage=True)
+
+    threads = [threading.Thread(target=strict), threading.Thread(target=permissive)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert not (tmp_path / "marker").exists()
+
+
+# -- fuzzing ---------------------------------------------------------------------------------
+
+
+def _run_bytes(data: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "fuzz.pt"
+    path.write_bytes(data)
+    with contextlib.suppress(tv.TorchVaultError):
+        tv.load_legacy(path)
+    report = tv.scan(path)
+    assert isinstance(report.safe, bool)
+
+
+def _mutations() -> st.SearchStrategy[list[tuple[int, int]]]:
+    return st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=8)
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
+    out = bytearray(data)
+    for offset, value in edits:
+        out[offset % len(out)] = value
+    return bytes(out)
+
+
+def _seed(kind: str) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(_state(), buffer, _use_new_zipfile_serialization=kind == "zip")
+    return buffer.getvalue()
+
+
+@FAST
+@given(edits=_mutations())
+def test_fuzz_mutated_zip_files_give_typed_errors(
+    edits: list[tuple[int, int]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _run_bytes(_mutate(_SEEDS["zip"], edits), tmp_path_factory.mktemp("fz"))
+
+
+@FAST
+@given(edits=_mutations())
+def test_fuzz_mutated_pickles_give_typed_errors(
+    edits: list[tuple[int, int]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _run_bytes(_mutate(_SEEDS["stacked"], edits), tmp_path_factory.mktemp("fp"))
+
+
+@FAST
+@given(data=st.binary(min_size=1, max_size=512))
+def test_fuzz_random_opcode_streams_never_escape(data: bytes) -> None:
+    def refuse(*args: object) -> object:
+        raise tv.UnsafeCheckpointError("refused", global_name=None)
+
+    with contextlib.suppress(tv.TorchVaultError):
+        _unpickler.Unpickler(b"\x80\x02" + data, resolve=refuse, persistent_load=refuse).load()
+
+
+@pytest.mark.soak
+@SOAK
+@given(edits=_mutations(), kind=st.sampled_from(["zip", "stacked"]))
+def test_soak_fuzz_mutated_torch_files(
+    edits: list[tuple[int, int]], kind: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _run_bytes(_mutate(_SEEDS[kind], edits), tmp_path_factory.mktemp("soak"))
+
+
+_SEEDS = {"zip": _seed("zip"), "stacked": _seed("stacked")}
+
+
+# -- salvage ---------------------------------------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+        self.head = torch.nn.Linear(4, 2)
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+
+
+def test_salvage_recovers_the_state_dict_of_a_pickled_model(tmp_path: Path) -> None:
+    model = _Net()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    with pytest.raises(tv.UnsafeCheckpointError, match="salvage=True"):
+        tv.load_legacy(path)
+    report = tv.load_legacy(path, salvage=True)
+    expected = model.state_dict()
+    assert list(report.state_dict) == list(expected)
+    assert all(torch.equal(report.state_dict[k], v) for k, v in expected.items())  # type: ignore[arg-type]
+    assert f"{__name__}._Net" in report.classes
+    assert "torch.nn.modules.conv.Conv2d" in report.classes
+
+
+# -- model folders and convert ---------------------------------------------------------------
+
+
+def test_a_shard_index_pointing_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tv.save({"w": torch.ones(2)}, folder / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"w": "../model-00001-of-00001.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(tv.CorruptCheckpointError, match="weight_map"):
+        tv.load(folder)
+
+
+def test_a_shard_missing_a_listed_tensor_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    tv.convert(_write_state(tmp_path), folder, to="hf", max_shard_size=1)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["ghost"] = next(iter(index["weight_map"].values()))
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(tv.CorruptCheckpointError, match="ghost"):
+        tv.load(folder)
+
+
+def _write_state(tmp_path: Path) -> Path:
+    path = tmp_path / "tied.pt"
+    embed = torch.randn(5, 3)
+    torch.save({"embed.weight": embed, "head.weight": embed, "head.bias": torch.zeros(5)}, path)
+    return path
+
+
+@pytest.mark.parametrize("to", ["hf", "safetensors"])
+def test_convert_stores_tied_weights_once_and_records_the_alias(tmp_path: Path, to: str) -> None:
+    source = _write_state(tmp_path)
+    out = tmp_path / ("out" if to == "hf" else "out.safetensors")
+    report = tv.convert(source, out, to=to)  # type: ignore[arg-type]
+    assert report.aliases == (("head.weight", "embed.weight"),)
+    assert report.tensors == 2
+    if to == "hf":
+        state = tv.load(out)
+        assert isinstance(state, dict)
+        assert torch.equal(state["head.weight"], state["embed.weight"])
+        assert state["head.weight"] is state["embed.weight"]
+
+
+def test_convert_refuses_nested_state_for_safetensors(tmp_path: Path) -> None:
+    source = tmp_path / "nested.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "epoch": 3}, source)
+    with pytest.raises(tv.UnsupportedTypeError, match="to='torchvault'"):
+        tv.convert(source, tmp_path / "out.safetensors", to="safetensors")
+    report = tv.convert(source, tmp_path / "out.tv")
+    assert _same(tv.load(tmp_path / "out.tv"), torch.load(source, weights_only=True))
+    assert report.tensors == 1
+
+
+def test_scan_of_a_pickle_lists_globals_without_running_them(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(_evil_pickle("posix", "system", tmp_path / "marker"))
+    report = tv.scan(evil)
+    assert not report.safe
+    assert report.unsafe_globals == ("posix.system",)
+    assert not (tmp_path / "marker").exists()
+    assert os.listdir(tmp_path) == ["evil.pkl"]
