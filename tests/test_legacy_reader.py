@@ -16,6 +16,7 @@ import pickle
 import random
 import struct
 import sys
+import tarfile
 import threading
 import zipfile
 from collections import OrderedDict
@@ -448,3 +449,72 @@ def test_scan_of_a_pickle_lists_globals_without_running_them(tmp_path: Path) -> 
     assert report.unsafe_globals == ("posix.system",)
     assert not (tmp_path / "marker").exists()
     assert os.listdir(tmp_path) == ["evil.pkl"]
+
+
+# -- the tar format of torch < 0.4 -----------------------------------------------------------
+
+
+def _write_tar(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint in the tar layout torch < 0.4 wrote (torch.load still reads it)."""
+
+    def dump(obj: object, out: io.BytesIO) -> None:
+        pickle.dump(obj, out, protocol=2)
+
+    storages, records = io.BytesIO(), io.BytesIO()
+    dump(len(tensors), storages)
+    dump(len(tensors), records)
+    for index, tensor in enumerate(tensors.values()):
+        dump((index, "cpu", torch.FloatStorage), storages)
+        storages.write(struct.pack("<q", tensor.numel()) + tensor.numpy().tobytes())
+        dump((100 + index, index, torch.FloatTensor), records)
+        records.write(struct.pack("<ii", tensor.dim(), 0))
+        records.write(struct.pack(f"<{tensor.dim()}q", *tensor.shape))
+        records.write(struct.pack(f"<{tensor.dim()}q", *tensor.stride()) + struct.pack("<q", 0))
+    dump([], storages)
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> str | None:
+            for index, tensor in enumerate(tensors.values()):
+                if obj is tensor:
+                    return str(100 + index)
+            return None
+
+    main = io.BytesIO()
+    Pickler(main, protocol=2).dump(dict(tensors))
+    info = io.BytesIO()
+    dump({"protocol_version": 1000, "little_endian": True}, info)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, body in (
+            ("sys_info", info),
+            ("pickle", main),
+            ("tensors", records),
+            ("storages", storages),
+        ):
+            member = tarfile.TarInfo(name)
+            member.size = len(body.getvalue())
+            archive.addfile(member, io.BytesIO(body.getvalue()))
+
+
+def test_reads_the_tar_format_of_old_torch(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    tensors = {"w": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.float32)}
+    _write_tar(path, tensors)
+    reference = torch.load(path, weights_only=False)
+    got = tv.load_legacy(path)
+    assert _same(reference, got)
+    assert _same(tensors, got)
+    assert _same(tensors, tv.load(path))
+    assert tv.scan(path).safe
+    assert tv.scan(path).format == "torch-tar"
+
+
+def test_a_tar_tensor_past_its_storage_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    _write_tar(path, {"w": torch.randn(3, 4)})
+    data = bytearray(path.read_bytes())
+    sizes = struct.pack("<2q", 3, 4)
+    at = data.find(sizes)
+    data[at : at + 16] = struct.pack("<2q", 300, 4)
+    path.write_bytes(data)
+    with pytest.raises(tv.CorruptCheckpointError, match="reaches past"):
+        tv.load_legacy(path)

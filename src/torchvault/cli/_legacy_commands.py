@@ -36,6 +36,7 @@ SCAN_ARGUMENTS = (
     ),
     JSON,
 )
+FOLDER_FORMATS = ("folder", "hf-folder")
 
 
 def shard_size(text: str) -> int:
@@ -130,10 +131,13 @@ def scan_text(reports: list[ScanReport]) -> str:
 
 
 def _scan_block(report: ScanReport) -> list[str]:
-    files = f", {len(report.files)} files" if report.format in ("folder", "hf-folder") else ""
     refused = len(report.unsafe_globals)
     status = f"UNSAFE, {refused} refused" if refused else ("UNSAFE" if not report.safe else "safe")
-    lines = [f"{one_line(report.path)}: {report.format}{files}; {status}"]
+    lines = [f"{one_line(report.path)}: {report.format}; {status}"]
+    if report.format in FOLDER_FORMATS:
+        # Say which files were read: a folder scan covers only checkpoint files directly in it.
+        names = ", ".join(one_line(os.path.relpath(f, report.path)) for f in report.files)
+        lines.append(f"  files ({len(report.files)}): {names or 'no checkpoint files'}")
     if report.globals:
         rows = [_global_row(ref) for ref in sorted(report.globals, key=_refused_first)]
         lines += _indent(table(["status", "global", "count"], rows, right={2}))

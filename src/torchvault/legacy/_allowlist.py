@@ -132,7 +132,7 @@ def _ints(value: object, what: str) -> tuple[int, ...]:
     return value
 
 
-def _tensor_spec(ctx: Context, args: tuple[Any, ...], dtype: torch.dtype | None) -> TensorSpec:
+def tensor_spec(ctx: Context, args: tuple[Any, ...], dtype: torch.dtype | None) -> TensorSpec:
     """Check (storage, offset, size, stride, requires_grad, hooks) against the storage."""
     storage, offset, size, stride, requires_grad, hooks = args
     if not isinstance(storage, Storage):
@@ -170,16 +170,16 @@ class _Rebuild(Global):
 
     def call(self, args: tuple[Any, ...]) -> object:
         if self.version == 1 and len(args) == 4:
-            return _tensor_spec(self.ctx, (*args, False, None), None)
+            return tensor_spec(self.ctx, (*args, False, None), None)
         if self.version == 2 and len(args) in (6, 7):
             _metadata(args[6:])
-            return _tensor_spec(self.ctx, args[:6], None)
+            return tensor_spec(self.ctx, args[:6], None)
         if self.version == 3 and len(args) in (7, 8):
             dtype = args[6]
             if not isinstance(dtype, torch.dtype) or dtype not in _dtypes.DTYPE_NAMES:
                 raise _bad("a tensor names a dtype that is not a torch dtype")
             _metadata(args[7:])
-            return _tensor_spec(self.ctx, args[:6], dtype)
+            return tensor_spec(self.ctx, args[:6], dtype)
         raise _bad(f"{self.name} is called with {len(args)} arguments")
 
 
@@ -552,6 +552,7 @@ def table(ctx: Context) -> dict[str, object]:
     add(_FromType("torch._tensor._rebuild_from_type_v2"))
     for kind, dtype in _STORAGE_DTYPES.items():
         add(StorageType(f"torch.{kind}Storage", dtype))
+        add(_Class(f"torch.{kind}Tensor"))  # named by the tar format's tensor records
     add(StorageType("torch.storage.UntypedStorage", None))
     add(StorageType("torch.UntypedStorage", None))
     for name, dtype in _dtypes.DTYPES.items():

@@ -92,7 +92,9 @@ class Session:
         self.refused: set[str] = set()
         self.anomalies: list[str] = []
         self.format = "unknown"
-        self.table = _allowlist.table(_allowlist.Context(self._device))
+        self.context = _allowlist.Context(self._device)
+        self.table = _allowlist.table(self.context)
+        self.persistent: Callable[[object], object] | None = None  # the tar format's own
         self.storages: dict[str, _allowlist.Storage] = {}
         self._devices: dict[str, torch.device] = {}
 
@@ -116,14 +118,19 @@ class Session:
             path=self.path,
         )
 
+    def corrupt(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.path}: {what}", path=self.path)
+
     def recover(self, exc: TorchVaultError) -> object:
         self.anomalies.append(exc.message)
         if isinstance(exc, UnsafeCheckpointError) and exc.global_name:
             self.refused.add(exc.global_name)
         return Stub("<rejected>")
 
-    def storage(self, pid: object, with_view: bool) -> _allowlist.Storage:
+    def storage(self, pid: object, with_view: bool) -> object:
         width = 6 if with_view else 5
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module" and with_view:
+            return pid[1]  # the class of a pickled module (its GLOBAL was already judged)
         if not (isinstance(pid, tuple) and len(pid) == width and pid[0] == "storage"):
             raise CorruptCheckpointError(
                 f"a persistent id {pid!r:.80} is not a ('storage', ...) record"
@@ -181,7 +188,7 @@ class Session:
         unpickler = Unpickler(
             data,
             resolve=self.resolve,
-            persistent_load=persistent_load,
+            persistent_load=self.persistent or persistent_load,
             start=start,
             recover=self.recover if self.permissive else None,
         )
@@ -233,10 +240,10 @@ def is_foreign(path: str | os.PathLike[str]) -> bool:
         return is_model_folder(os.fspath(path))
     try:
         with open(path, "rb") as file:
-            head = file.read(4)
+            head = file.read(512)
     except OSError:
         return False  # the native reader reports it
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    return sniff(head) in ("zip", "tar") or head[:1] == b"\x80"
 
 
 def sniff(data: mmap.mmap | bytes) -> str:
@@ -261,16 +268,15 @@ def read(session: Session, data: mmap.mmap | bytes) -> object:
         return session.finish(_read_zip(session, ZipArchive(data, session.path)))
     if kind == "pickle":
         return session.finish(_read_pickles(session, data))
+    if kind == "tar":
+        from ._tar import read_tar  # imports this module
+
+        return session.finish(read_tar(session, data))
     raise unsupported(session.path, kind)
 
 
 def unsupported(path: str, kind: str) -> UnsupportedFormatError:
-    if kind == "tar":
-        why = (
-            "is in the tar format of torch < 0.4; the restricted reader does not read it. "
-            "Re-save it with torch >= 1.6 inside a sandbox, then convert it"
-        )
-    elif kind in _WRAPPERS.values():
+    if kind in _WRAPPERS.values():
         why = (
             f"is wrapped in {kind} compression; decompress it yourself (checking its size) "
             "and open the inner file, so that no archive can expand without limit"
@@ -324,13 +330,13 @@ def _read_zip(session: Session, archive: ZipArchive) -> object:
                 f"holds {entry.size}",
                 path=path,
             )
-        storage.data = _bytes_tensor(archive.data, entry.start, entry.size)
+        storage.data = bytes_tensor(archive.data, entry.start, entry.size)
     for entry in archive.entries.values():
         archive.read(entry)  # every CRC, the records torch ignores included
     return obj
 
 
-def _bytes_tensor(data: mmap.mmap | bytes, start: int, size: int) -> torch.Tensor:
+def bytes_tensor(data: mmap.mmap | bytes, start: int, size: int) -> torch.Tensor:
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
     tensor = torch.frombuffer(data, dtype=torch.uint8, count=size, offset=start)
@@ -401,5 +407,5 @@ def _legacy_storage(
             f"{count * itemsize} (or the file is truncated)",
             path=session.path,
         )
-    storage.data = _bytes_tensor(data, at + 8, storage.nbytes)
+    storage.data = bytes_tensor(data, at + 8, storage.nbytes)
     return at + 8 + storage.nbytes

@@ -71,7 +71,7 @@ def _scan_file(name: str) -> ScanReport:
     except TorchVaultError as exc:
         return ScanReport(name, "unknown", anomalies=(exc.message,), files=(name,))
     kind = sniff(data)
-    if kind not in ("zip", "pickle"):
+    if kind not in ("zip", "pickle", "tar"):
         return _scan_native(name)
     session = Session(name, permissive=True)
     anomalies = []
