@@ -23,6 +23,7 @@ from ._tree import Json
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 
 TREE, TENSORS, CHECKSUMS = "torchvault.tree", "torchvault.tensors", _format.CHECKSUMS
+ALIASES = "torchvault_aliases"  # in plain files written by convert; not a sealed member
 VERSIONS, CREATED, FORMAT = "torchvault.versions", "torchvault.created", "torchvault.format"
 _HEX = re.compile(r"[0-9a-f]*")
 
@@ -160,8 +161,25 @@ def _plain_safetensors(header: _format.Header, path: str) -> Contents:
                 path=path,
                 key=entry.name,
             )
-    tree: Json = {"dict": {entry.name: {"tensor": i} for i, entry in enumerate(header.entries)}}
+    index = {entry.name: i for i, entry in enumerate(header.entries)}
+    members: dict[str, Json] = {name: {"tensor": i} for name, i in index.items()}
+    for alias, stored in _aliases(header.metadata.get(ALIASES), index, path).items():
+        members[alias] = {"tensor": index[stored]}
+    tree: Json = {"dict": members}
     return Contents(path, header, tree, list(range(len(header.entries))), "", {})
+
+
+def _aliases(raw: str | None, index: dict[str, int], path: str) -> dict[str, str]:
+    """Names ``convert`` stored once under another name (tied weights): alias -> stored."""
+    if raw is None:
+        return {}
+    aliases = _format.strict_json(raw.encode("utf-8"), path, ALIASES)
+    if not isinstance(aliases, dict) or not all(
+        isinstance(alias, str) and alias not in index and stored in index
+        for alias, stored in aliases.items()
+    ):
+        raise _corrupt(path, f"`{ALIASES}` is not a map from new names to stored tensors")
+    return aliases
 
 
 def _json_member(meta: dict[str, str], key: str, path: str) -> Json:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +29,9 @@ from ._unpickler import Building, Global
 MAX_DIMS = 64
 _DEVICE = re.compile(r"(cpu|cuda|mps|meta|xpu|hpu|xla|privateuseone)(:[0-9]{1,4})?")
 _NUMPY_CODE = re.compile(
-    r"[biufc?][0-9]{0,2}|bool|float(16|32|64)|u?int(8|16|32|64)|complex(64|128)"
+    r"[US][0-9]{1,6}|[biufc?][0-9]{0,2}|bool|float(16|32|64)|u?int(8|16|32|64)|complex(64|128)"
 )
+_NATIVE = "<" if sys.byteorder == "little" else ">"
 _MODULE_ALIASES = {
     "__builtin__": "builtins",
     "copy_reg": "copyreg",
@@ -320,7 +322,9 @@ def _collection(kind: type) -> Callable[[tuple[Any, ...]], object]:
 
 
 def _bytes_from_text(args: tuple[Any, ...]) -> bytes:
-    # protocol 2 writes bytes as _codecs.encode(text, "latin1")
+    # protocol 2 writes bytes as _codecs.encode(text, "latin1"), and b"" as bytes()
+    if args == ():
+        return b""
     if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
         try:
             return args[0].encode("latin-1")
@@ -389,11 +393,14 @@ class _NumpyDtype(Building):
         if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)):
             raise _bad("a numpy dtype has a malformed state")
         order, rest = state[1], state[2:8]
-        if order not in ("<", ">", "|", "=") or rest != (None, None, None, -1, -1, 0):
+        sized = (None, None, None, self.dtype.itemsize, self.dtype.alignment, self.dtype.flags)
+        if order not in ("<", ">", "|", "=") or rest not in ((None, None, None, -1, -1, 0), sized):
             raise UnsupportedFormatError(
-                "a numpy structured or object dtype is saved; only plain numbers are read"
+                "a numpy structured or object dtype is saved; only numbers, bool and "
+                "fixed-width text are read"
             )
-        self.dtype = self.dtype.newbyteorder(order) if order in "<>" else self.dtype
+        if order in "<>" and order != self.dtype.byteorder.replace("=", _NATIVE):
+            self.dtype = self.dtype.newbyteorder(order)
 
     def value(self, finish: Callable[[object], object]) -> object:
         return self.dtype
@@ -418,7 +425,9 @@ def _array(raw: object, dtype: np.dtype[Any], shape: tuple[int, ...], fortran: b
         raise UnsupportedFormatError("a numpy array of Python objects is saved; it is not read")
     if math.prod(shape) * dtype.itemsize != len(raw):
         raise _bad(f"a numpy array of shape {list(shape)} does not match its {len(raw)} bytes")
-    flat = np.frombuffer(raw, dtype=dtype).copy()
+    flat = np.frombuffer(raw, dtype=dtype)
+    # numpy's own unpickling returns native byte order (values converted), and so do we
+    flat = flat.astype(dtype.newbyteorder("=")) if not dtype.isnative else flat.copy()
     return flat.reshape(shape, order="F" if fortran else "C")
 
 

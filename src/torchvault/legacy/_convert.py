@@ -9,7 +9,6 @@ overlap are written as separate copies. Nothing is silently dropped.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from .._file import load, save
 from .._report import ConvertReport
 from .._tree import flatten
 from ..errors import UnsupportedTypeError
-from ._hf import ALIASES, write_folder, write_safetensors
+from ._hf import metadata, write_folder, write_safetensors
 
 Target = Literal["torchvault", "safetensors", "hf"]
 _UNITS = {
@@ -69,18 +68,16 @@ def convert(
     src, dst = os.fspath(source), Path(destination)
     if to == "torchvault":
         save(obj, dst)
-        tensors = [v for _, v in flatten(obj) if isinstance(v, torch.Tensor)]
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        return ConvertReport(src, str(dst), to, len(tensors), nbytes, files=(str(dst),))
+        tensors = {k: v for k, v in flatten(obj) if isinstance(v, torch.Tensor)}
+        unique, aliases = _dedup(tensors)
+        nbytes = sum(t.numel() * t.element_size() for t in unique.values())
+        pairs = tuple(sorted(aliases.items()))
+        return ConvertReport(src, str(dst), to, len(unique), nbytes, pairs, (str(dst),))
     if to not in ("safetensors", "hf"):
         raise ValueError(f"to={to!r}: choose 'torchvault', 'safetensors' or 'hf'")
     unique, aliases = _dedup(_state_dict(obj, src))
     if to == "safetensors":
-        meta = {
-            "format": "pt",
-            **({ALIASES: json.dumps(aliases, sort_keys=True)} if aliases else {}),
-        }
-        nbytes = write_safetensors(dst, unique, meta)
+        nbytes = write_safetensors(dst, unique, metadata(unique, aliases))
         files = [dst]
     else:
         files = write_folder(dst, unique, aliases, parse_size(max_shard_size))

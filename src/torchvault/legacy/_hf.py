@@ -18,12 +18,12 @@ import torch
 
 from .. import _dtypes, _format
 from .._commit import atomic_file, make_dirs
+from .._contents import ALIASES, open_file
 from .._tensors import MapLocation
 from ..errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-ALIASES = "aliases"  # a plain key: the torchvault. prefix marks sealed headers
 MAX_INDEX_BYTES = 64 << 20
 _SHARD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,200}")
 
@@ -41,67 +41,47 @@ def load_folder(folder: str, *, map_location: MapLocation = "cpu") -> dict[str, 
     Tensors that torchvault's ``convert`` stored once under another name (tied weights)
     come back under both names, as the same tensor.
     """
-    aliases: dict[str, str] = {}
     for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
         if os.path.isfile(os.path.join(folder, index_name)):
-            state = _load_sharded(folder, index_name, map_location, aliases)
-            break
+            return _load_sharded(folder, index_name, map_location)
         if os.path.isfile(os.path.join(folder, single)):
-            state = _load_shard(os.path.join(folder, single), map_location, aliases)
-            break
-    else:
-        raise UnsupportedFormatError(
-            f"{folder}: a folder without {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or "
-            f"{BIN_INDEX}; pass the path of a checkpoint file inside it",
-            path=folder,
-        )
-    for alias, stored in aliases.items():
-        if stored in state and alias not in state:
-            state[alias] = state[stored]
-    return state
+            return _load_shard(os.path.join(folder, single), map_location)[0]
+    raise UnsupportedFormatError(
+        f"{folder}: a folder without {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or "
+        f"{BIN_INDEX}; pass the path of a checkpoint file inside it",
+        path=folder,
+    )
 
 
-def _load_shard(
-    path: str, map_location: MapLocation, aliases: dict[str, str]
-) -> dict[str, torch.Tensor]:
-    from .._contents import open_file
+def _load_shard(path: str, map_location: MapLocation) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """A shard's tensors (aliases included) and the names that are aliases."""
     from .._file import load  # the native reader, or this package for .bin shards
 
     state = load(path, map_location=map_location)
+    aliases: set[str] = set()
     if path.endswith(".safetensors"):
-        aliases.update(_aliases(open_file(path)[0].header.metadata.get(ALIASES), path))
+        aliases = set(json.loads(open_file(path)[0].header.metadata.get(ALIASES, "{}")))
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise UnsupportedFormatError(
             f"{path}: a model shard that is not a flat state dict", path=path
         )
-    return dict(state)
-
-
-def _aliases(raw: str | None, path: str) -> dict[str, str]:
-    if raw is None:
-        return {}
-    aliases = _format.strict_json(raw.encode(), path, ALIASES)
-    if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
-    ):
-        raise CorruptCheckpointError(f"{path}: {ALIASES} is not a map of names", path=path)
-    return aliases
+    return dict(state), aliases
 
 
 def _load_sharded(
-    folder: str, index_name: str, map_location: MapLocation, aliases: dict[str, str]
+    folder: str, index_name: str, map_location: MapLocation
 ) -> dict[str, torch.Tensor]:
     index_path = os.path.join(folder, index_name)
     weight_map = _weight_map(index_path)
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         expected = {k for k, v in weight_map.items() if v == shard}
-        tensors = _load_shard(os.path.join(folder, shard), map_location, aliases)
-        if set(tensors) != expected:
-            missing = sorted(expected - set(tensors))[:5]
-            extra = sorted(set(tensors) - expected)[:5]
+        tensors, aliases = _load_shard(os.path.join(folder, shard), map_location)
+        missing = sorted(expected - set(tensors))[:5]
+        extra = sorted(set(tensors) - expected - aliases)[:5]
+        if missing or extra:
             raise CorruptCheckpointError(
                 f"{index_path}: shard {shard} does not hold what the index says (missing "
                 f"{missing}, unlisted {extra}); the folder is incomplete or mixed up",
@@ -154,6 +134,13 @@ def write_safetensors(
     return sum(blob.nbytes for blob in blobs)
 
 
+def metadata(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, str]:
+    """A plain file's metadata: the format marker transformers checks, and the aliases of
+    the tensors this file stores."""
+    mine = {alias: stored for alias, stored in aliases.items() if stored in tensors}
+    return {"format": "pt", **({ALIASES: json.dumps(mine, sort_keys=True)} if mine else {})}
+
+
 def write_folder(
     folder: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], max_shard_bytes: int
 ) -> list[Path]:
@@ -168,16 +155,13 @@ def write_folder(
             size = 0
         shards[-1][name] = tensor
         size += nbytes
-    metadata = {"format": "pt"}
-    if aliases:
-        metadata[ALIASES] = json.dumps(aliases, sort_keys=True)
     if len(shards) == 1:
-        write_safetensors(folder / SAFETENSORS, shards[0], metadata)
+        write_safetensors(folder / SAFETENSORS, shards[0], metadata(shards[0], aliases))
         return [folder / SAFETENSORS]
     files, weight_map, total = [], {}, 0
     for number, shard in enumerate(shards, 1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(folder / name, shard, metadata)
+        total += write_safetensors(folder / name, shard, metadata(shard, aliases))
         weight_map.update(dict.fromkeys(shard, name))
         files.append(folder / name)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -35,6 +35,8 @@ MAX_PICKLE_BYTES = 1 << 30
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 _KEY = re.compile(r"[0-9A-Za-z_.\-]{1,128}")
+_OURS = ("zip", "tar", "pickle")
+_PROTOCOL_0_STARTS = tuple(bytes([c]) for c in b"(}])NIJKFGSVXci")
 _WRAPPERS = {
     b"\x1f\x8b": "gzip",
     b"BZh": "bzip2",
@@ -240,23 +242,30 @@ def is_foreign(path: str | os.PathLike[str]) -> bool:
         return is_model_folder(os.fspath(path))
     try:
         with open(path, "rb") as file:
-            head = file.read(512)
+            return kind_of(file.read(512), os.fstat(file.fileno()).st_size) in _OURS
     except OSError:
         return False  # the native reader reports it
-    return sniff(head) in ("zip", "tar") or head[:1] == b"\x80"
 
 
 def sniff(data: mmap.mmap | bytes) -> str:
-    """The container kind from the first bytes: zip, pickle, tar or a named wrapper."""
-    head = bytes(data[:8])
+    """The container kind of a whole file (see :func:`kind_of`)."""
+    return kind_of(bytes(data[:512]), len(data))
+
+
+def kind_of(head: bytes, size: int) -> str:
+    """The container kind from a file's first 512 bytes: ``zip``, ``tar``, ``pickle``, a
+    compression wrapper, or ``safetensors`` (an 8-byte little-endian header length, then
+    the header's ``{``), which is checked first since any first byte can start it."""
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
     if head.startswith(b"PK\x03\x04"):
         return "zip"
-    if len(data) > 262 and data[257:262] == b"ustar":
+    if head[257:262] == b"ustar":
         return "tar"
     for magic, name in _WRAPPERS.items():
         if head.startswith(magic):
             return name
-    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
+    if head[:1] == b"\x80" or head[:1] in _PROTOCOL_0_STARTS:
         return "pickle"
     return "unknown"
 
