@@ -19,7 +19,7 @@ import torch
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from ._unpickler import Building, Global
 
-MAX_DEPTH = 200
+MAX_DEPTH = 100  # each level costs up to four Python frames here
 MAX_NODES = 20_000_000
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype,
           torch.device, torch.Size, torch.layout, torch.memory_format)  # fmt: skip

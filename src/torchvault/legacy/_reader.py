@@ -204,6 +204,8 @@ class Session:
             return finish(obj, keep=lambda o: isinstance(o, Stub))
         except TorchVaultError as exc:
             raise _located(exc, self.path) from exc
+        except RecursionError:  # a caller already deep in its own stack
+            raise self.corrupt("the pickled object is nested too deeply to walk") from None
 
 
 def _located(exc: TorchVaultError, path: str) -> TorchVaultError:
@@ -275,6 +277,13 @@ def read(session: Session, data: mmap.mmap | bytes) -> object:
     kind = sniff(data)
     if kind == "zip":
         return session.finish(_read_zip(session, ZipArchive(data, session.path)))
+    if kind == "pickle" and os.path.basename(session.path) == ".metadata":
+        raise UnsupportedFormatError(
+            f"{session.path}: is the metadata of a torch.distributed.checkpoint folder, a raw "
+            "pickle that DCP itself loads with pickle.load (it can run code). torchvault does "
+            "not read it; load the checkpoint with DCP only if you trust its source.",
+            path=session.path,
+        )
     if kind == "pickle":
         return session.finish(_read_pickles(session, data))
     if kind == "tar":

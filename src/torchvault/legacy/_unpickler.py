@@ -26,6 +26,7 @@ from ..errors import CorruptCheckpointError, TorchVaultError, UnsafeCheckpointEr
 MAX_LINE = 1024  # protocol-0 text lines (names, numbers)
 MAX_LONG_BYTES = 1024  # LONG1/LONG4 payloads; torch's largest is its 10-byte magic number
 MAX_MEMO = 10_000_000
+MAX_OPCODES = 100_000_000  # a 300k-tensor state dict takes about 10M
 
 
 class Global:
@@ -183,7 +184,11 @@ class Unpickler:
         """The object and the offset just past its STOP."""
         dispatch = _DISPATCH
         data = self.data
+        budget = MAX_OPCODES
         while True:
+            budget -= 1
+            if not budget:
+                self._fail(f"is past the limit of {MAX_OPCODES} opcodes")
             self.at = self.pos
             if self.pos >= len(data):
                 raise CorruptCheckpointError(
