@@ -518,3 +518,44 @@ def test_a_tar_tensor_past_its_storage_is_refused(tmp_path: Path) -> None:
     path.write_bytes(data)
     with pytest.raises(tv.CorruptCheckpointError, match="reaches past"):
         tv.load_legacy(path)
+
+
+def test_scanning_a_folder_reads_every_checkpoint_by_content_at_any_depth(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model_best.pth.tar").write_bytes(_evil_pickle("os", "system", tmp_path / "m"))
+    torch.save({"w": torch.ones(1)}, tmp_path / "sub" / "weights.data")
+    report = tv.scan(tmp_path)
+    assert sorted(os.path.relpath(f, tmp_path) for f in report.files) == [
+        "model_best.pth.tar",
+        os.path.join("sub", "weights.data"),
+    ]
+    assert report.unsafe_globals == ("os.system",)
+
+
+def test_scanning_a_folder_without_checkpoints_vouches_for_nothing(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("no weights here")
+    report = tv.scan(tmp_path)
+    assert not report.safe
+    assert report.files == ()
+
+
+def test_convert_into_a_used_folder_removes_the_old_weights(tmp_path: Path) -> None:
+    source = tmp_path / "ones.pt"
+    torch.save({"w": torch.ones(64), "v": torch.ones(64)}, source)
+    folder = tmp_path / "hf"
+    tv.convert(_write_state(tmp_path), folder, to="hf", max_shard_size=1)
+    tv.convert(source, folder, to="hf")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+    state = tv.load(folder)
+    assert isinstance(state, dict)
+    assert set(state) == {"w", "v"}
+
+
+def test_a_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    for call in (tv.load_legacy, tv.load, tv.inspect):
+        with pytest.raises(tv.UnsupportedFormatError, match="not a regular file"):
+            call(fifo)  # type: ignore[operator]
+    assert not tv.scan(fifo).safe

@@ -6,11 +6,13 @@ no checksums, so only their structure can be verified.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -112,6 +114,12 @@ def open_file(path: str | os.PathLike[str]) -> tuple[Contents, mmap.mmap]:
         CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError.
     """
     name = os.fspath(path)
+    with contextlib.suppress(OSError):  # a missing file is reported by open() below
+        if stat.S_ISFIFO(os.stat(name).st_mode) or stat.S_ISCHR(os.stat(name).st_mode):
+            raise UnsupportedFormatError(
+                f"{name}: not a regular file (a pipe or a device); copy it to a file first",
+                path=name,
+            )
     try:
         handle = open(name, "rb")  # noqa: SIM115 - closed below; the map outlives it
     except FileNotFoundError as exc:

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Inspect, verify and compare torchvault and safetensors checkpoints; "
-        "list, prune and export the checkpoints of a training run.",
+        "list, prune and export the checkpoints of a training run; scan and convert "
+        "torch.save files and Hugging Face folders without running their code.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import _dtypes, _format
-from .._commit import atomic_file, make_dirs
+from .._commit import atomic_file, make_dirs, remove
 from .._contents import ALIASES, open_file
 from .._tensors import MapLocation
 from ..errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
@@ -25,6 +25,9 @@ from ..errors import CorruptCheckpointError, UnsupportedFormatError, Unsupported
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 MAX_INDEX_BYTES = 64 << 20
+_WEIGHT_FILE = re.compile(
+    r"(model|pytorch_model)(-[0-9]+-of-[0-9]+)?\.(safetensors|bin)(\.index\.json)?"
+)
 _SHARD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,200}")
 
 
@@ -41,11 +44,12 @@ def load_folder(folder: str, *, map_location: MapLocation = "cpu") -> dict[str, 
     Tensors that torchvault's ``convert`` stored once under another name (tied weights)
     come back under both names, as the same tensor.
     """
-    for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
-        if os.path.isfile(os.path.join(folder, index_name)):
-            return _load_sharded(folder, index_name, map_location)
+    for single, index_name in ((SAFETENSORS, SAFETENSORS_INDEX), (BIN, BIN_INDEX)):
+        # the order transformers' from_pretrained looks in, so both read the same weights
         if os.path.isfile(os.path.join(folder, single)):
             return _load_shard(os.path.join(folder, single), map_location)[0]
+        if os.path.isfile(os.path.join(folder, index_name)):
+            return _load_sharded(folder, index_name, map_location)
     raise UnsupportedFormatError(
         f"{folder}: a folder without {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or "
         f"{BIN_INDEX}; pass the path of a checkpoint file inside it",
@@ -157,14 +161,24 @@ def write_folder(
         size += nbytes
     if len(shards) == 1:
         write_safetensors(folder / SAFETENSORS, shards[0], metadata(shards[0], aliases))
-        return [folder / SAFETENSORS]
-    files, weight_map, total = [], {}, 0
-    for number, shard in enumerate(shards, 1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(folder / name, shard, metadata(shard, aliases))
-        weight_map.update(dict.fromkeys(shard, name))
-        files.append(folder / name)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    with atomic_file(folder / SAFETENSORS_INDEX) as handle:
-        handle.write(json.dumps(index, indent=2, sort_keys=True).encode())
-    return [*files, folder / SAFETENSORS_INDEX]
+        files = [folder / SAFETENSORS]
+    else:
+        files, weight_map, total = [], {}, 0
+        for number, shard in enumerate(shards, 1):
+            name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            total += write_safetensors(folder / name, shard, metadata(shard, aliases))
+            weight_map.update(dict.fromkeys(shard, name))
+            files.append(folder / name)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with atomic_file(folder / SAFETENSORS_INDEX) as handle:
+            handle.write(json.dumps(index, indent=2, sort_keys=True).encode())
+        files.append(folder / SAFETENSORS_INDEX)
+    _remove_stale_weights(folder, files)
+    return files
+
+
+def _remove_stale_weights(folder: Path, keep: list[Path]) -> None:
+    """Weight files of an earlier model in ``folder``: a loader could pick them over ours."""
+    for path in folder.iterdir():
+        if path not in keep and _WEIGHT_FILE.fullmatch(path.name) and path.is_file():
+            remove(path)

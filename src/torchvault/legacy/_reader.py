@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -225,6 +226,11 @@ def open_mapped(path: str | os.PathLike[str]) -> tuple[str, mmap.mmap | bytes]:
     """A private copy-on-write map of the file (or its bytes, when empty)."""
     name = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(name).st_mode) and not os.path.isdir(name):
+            raise UnsupportedFormatError(
+                f"{name}: not a regular file (a pipe or a device); copy it to a file first",
+                path=name,
+            )
         with open(name, "rb") as file:
             size = os.fstat(file.fileno()).st_size
             if size == 0:
@@ -243,6 +249,8 @@ def is_foreign(path: str | os.PathLike[str]) -> bool:
     if os.path.isdir(path):
         return is_model_folder(os.fspath(path))
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False  # the native reader reports it, without opening a pipe
         with open(path, "rb") as file:
             return kind_of(file.read(512), os.fstat(file.fileno()).st_size) in _OURS
     except OSError:

@@ -9,11 +9,12 @@ kept as inert stubs so that the whole stream is walked and every name reported.
 from __future__ import annotations
 
 import os
+import stat
 from collections import Counter
 
 from .._report import GlobalRef, ScanReport
 from ..errors import CheckpointNotFoundError, TorchVaultError
-from ._reader import Session, open_mapped, read, sniff
+from ._reader import Session, kind_of, open_mapped, read, sniff
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tv", ".pkl", ".pickle")
 
@@ -46,11 +47,9 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
 
 
 def _scan_folder(folder: str) -> ScanReport:
-    reports = [
-        _scan_file(os.path.join(folder, entry))
-        for entry in sorted(os.listdir(folder))
-        if entry.endswith(CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(folder, entry))
-    ]
+    """Every file under ``folder`` that holds a checkpoint (by content, whatever its name:
+    ``model_best.pth.tar`` is a torch zip) or is named like one, at any depth."""
+    reports = [_scan_file(path) for path in _candidates(folder)]
     counts: Counter[str] = Counter()
     allowed: dict[str, bool] = {}
     anomalies: list[str] = []
@@ -59,10 +58,27 @@ def _scan_folder(folder: str) -> ScanReport:
         for ref in report.globals:
             counts[ref.name] += ref.count
             allowed[ref.name] = allowed.get(ref.name, True) and ref.allowed
-    hf = any(os.path.exists(os.path.join(folder, f)) for f in ("config.json",))
+    if not reports:
+        anomalies.append(f"{folder}: no checkpoint file in the folder, so nothing was vouched for")
+    hf = os.path.exists(os.path.join(folder, "config.json"))
     refs = tuple(GlobalRef(n, allowed[n], c) for n, c in sorted(counts.items()))
     files = tuple(r.path for r in reports)
     return ScanReport(folder, "hf-folder" if hf else "folder", refs, tuple(anomalies), files)
+
+
+def _candidates(folder: str) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            with open(path, "rb") as file:
+                kind = kind_of(file.read(512), os.fstat(file.fileno()).st_size)
+            if kind != "unknown" or name.endswith(CHECKPOINT_SUFFIXES):
+                found.append(path)
+    return found
 
 
 def _scan_file(name: str) -> ScanReport:
