@@ -357,8 +357,7 @@ def _read_zip(session: Session, archive: ZipArchive) -> object:
                 path=path,
             )
         storage.data = bytes_tensor(archive.data, entry.start, entry.size)
-    for entry in archive.entries.values():
-        archive.read(entry)  # every CRC, the records torch ignores included
+    archive.check_all()  # every CRC, the records torch ignores included
     return obj
 
 
