@@ -14,8 +14,9 @@ from typing import Literal, overload
 from .._file import _gc_paused
 from .._report import SalvageReport
 from .._tensors import MapLocation
+from ..errors import TorchVaultError
 from ._convert import convert
-from ._reader import Session, open_mapped, read
+from ._reader import Session, located, open_mapped, read
 from ._salvage import tensors
 from ._scan import scan
 
@@ -76,4 +77,8 @@ def load_legacy(
         obj = read(session, data)
     if not salvage:
         return obj
-    return SalvageReport(name, dict(tensors(obj)), tuple(sorted(session.refused)))
+    try:
+        state: dict[str, object] = dict(tensors(obj))
+    except TorchVaultError as exc:
+        raise located(exc, name) from exc
+    return SalvageReport(name, state, tuple(sorted(session.refused)))

@@ -24,7 +24,7 @@ import torch
 
 from .. import _dtypes
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedFormatError
-from ._unpickler import Building, Global
+from ._unpickler import Building, Global, is_key
 
 MAX_DIMS = 64
 _DEVICE = re.compile(r"(cpu|cuda|mps|meta|xpu|hpu|xla|privateuseone)(:[0-9]{1,4})?")
@@ -267,10 +267,8 @@ def _ordered_dict(args: tuple[Any, ...]) -> object:
 
 
 def _key(key: object) -> object:
-    try:
-        hash(key)
-    except TypeError:
-        raise _bad(f"a dict key is an unhashable {type(key).__name__}") from None
+    if not is_key(key):
+        raise _bad(f"a key or set member is a {type(key).__name__} unhashable or too large")
     return key
 
 

@@ -8,6 +8,7 @@ calling anything the file asked for.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import re
@@ -198,18 +199,26 @@ class Session:
         try:
             return unpickler.load()
         except TorchVaultError as exc:
-            raise _located(exc, self.path) from exc
+            raise located(exc, self.path) from exc
+
+    def trailing(self, data: memoryview | bytes, at: int, what: str) -> CorruptCheckpointError:
+        """The error for bytes after the last pickle; a scan first reads them as further
+        pickles, to name the globals a stacked payload would use."""
+        with contextlib.suppress(TorchVaultError):
+            while self.permissive and at < len(data):
+                _, at = self.unpickle(data, at, legacy_ids=True)
+        return self.corrupt(what)
 
     def finish(self, obj: object) -> object:
         try:
             return finish(obj, keep=lambda o: isinstance(o, Stub))
         except TorchVaultError as exc:
-            raise _located(exc, self.path) from exc
+            raise located(exc, self.path) from exc
         except RecursionError:  # a caller already deep in its own stack
             raise self.corrupt("the pickled object is nested too deeply to walk") from None
 
 
-def _located(exc: TorchVaultError, path: str) -> TorchVaultError:
+def located(exc: TorchVaultError, path: str) -> TorchVaultError:
     """``exc`` with the file named, if it did not name one."""
     if exc.path is not None:
         return exc
@@ -339,10 +348,11 @@ def _read_zip(session: Session, archive: ZipArchive) -> object:
         raise CorruptCheckpointError(f"{path}: data.pkl is larger than 1 GiB", path=path)
     obj, end = session.unpickle(archive.read(pickle), 0, legacy_ids=False)
     if end != pickle.size:
-        raise CorruptCheckpointError(
-            f"{path}: data.pkl has {pickle.size - end} bytes after its STOP opcode (a second, "
-            "hidden pickle?)",
-            path=path,
+        raise session.trailing(
+            archive.read(pickle),
+            end,
+            f"data.pkl has {pickle.size - end} bytes after its STOP opcode (a second, hidden "
+            "pickle?)",
         )
     for storage in session.storages.values():
         entry = archive.find(f"data/{storage.key}")
@@ -375,10 +385,11 @@ def _read_pickles(session: Session, data: mmap.mmap | bytes) -> object:
     session.format = "torch-legacy" if first == LEGACY_MAGIC else "pickle"
     if first != LEGACY_MAGIC:
         if at != len(view):
-            raise CorruptCheckpointError(
-                f"{session.path}: a pickle followed by {len(view) - at} more bytes; a "
-                "torch.save file of the legacy format starts with its magic number",
-                path=session.path,
+            raise session.trailing(
+                view,
+                at,
+                f"a pickle followed by {len(view) - at} more bytes; a torch.save file of the "
+                "legacy format starts with its magic number",
             )
         if session.storages:
             raise CorruptCheckpointError(
@@ -410,9 +421,8 @@ def _read_pickles(session: Session, data: mmap.mmap | bytes) -> object:
     for key in keys:
         at = _legacy_storage(session, data, at, session.storages[key])
     if at != len(view):
-        raise CorruptCheckpointError(
-            f"{session.path}: {len(view) - at} unexplained bytes after the last storage",
-            path=session.path,
+        raise session.trailing(
+            view, at, f"{len(view) - at} unexplained bytes after the last storage"
         )
     return obj
 

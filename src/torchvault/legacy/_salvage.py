@@ -13,7 +13,11 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from ..errors import CorruptCheckpointError
 from ._reader import Stub
+
+MAX_VISITS = 1_000_000  # paths walked; shared containers are walked once per path
+MAX_DEPTH = 100
 
 
 def _state(obj: object) -> Mapping[object, object] | None:
@@ -27,34 +31,56 @@ def _is_module(obj: object) -> bool:
     return state is not None and "_parameters" in state and "_modules" in state
 
 
-def _module_tensors(obj: object, prefix: str, depth: int) -> Iterator[tuple[str, torch.Tensor]]:
-    state = _state(obj)
-    if state is None or depth > 100:
-        return
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for group in ("_parameters", "_buffers"):
-        members = state.get(group)
-        if isinstance(members, Mapping):
-            for name, tensor in members.items():
-                if isinstance(tensor, torch.Tensor) and not (group == "_buffers" and name in skip):  # type: ignore[operator]
-                    yield f"{prefix}{name}", tensor
-    children = state.get("_modules")
-    if isinstance(children, Mapping):
-        for name, child in children.items():
-            yield from _module_tensors(child, f"{prefix}{name}.", depth + 1)
+class _Walk:
+    """Names every tensor by its path; the budget stops a small file whose shared
+    references fan out into millions of paths."""
+
+    def __init__(self) -> None:
+        self.budget = MAX_VISITS
+
+    def _spend(self, depth: int) -> None:
+        self.budget -= 1
+        if self.budget < 0 or depth > MAX_DEPTH:
+            raise CorruptCheckpointError(
+                f"salvage stopped: the pickled object has more than {MAX_VISITS} paths or is "
+                f"nested deeper than {MAX_DEPTH} levels (shared references fanning out)"
+            )
+
+    def module(self, obj: object, prefix: str, depth: int) -> Iterator[tuple[str, torch.Tensor]]:
+        state = _state(obj)
+        if state is None:
+            return
+        skip = state.get("_non_persistent_buffers_set")
+        skip = skip if isinstance(skip, (set, frozenset)) else set()
+        for group in ("_parameters", "_buffers"):
+            members = state.get(group)
+            if isinstance(members, Mapping):
+                for name, tensor in members.items():
+                    self._spend(depth)
+                    if isinstance(tensor, torch.Tensor) and not (
+                        group == "_buffers" and name in skip
+                    ):
+                        yield f"{prefix}{name}", tensor
+        children = state.get("_modules")
+        if isinstance(children, Mapping):
+            for name, child in children.items():
+                self._spend(depth)
+                yield from self.module(child, f"{prefix}{name}.", depth + 1)
+
+    def any(self, obj: object, prefix: str, depth: int) -> Iterator[tuple[str, torch.Tensor]]:
+        self._spend(depth)
+        if isinstance(obj, torch.Tensor):
+            yield prefix.rstrip("."), obj
+        elif _is_module(obj):
+            yield from self.module(obj, prefix, depth)
+        elif isinstance(obj, Mapping):
+            for key, value in obj.items():
+                yield from self.any(value, f"{prefix}{key}.", depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for index, value in enumerate(obj):
+                yield from self.any(value, f"{prefix}{index}.", depth + 1)
 
 
-def tensors(obj: object, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors(obj: object) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor reachable through modules and containers, by dotted name."""
-    if depth > 100:
-        return
-    if isinstance(obj, torch.Tensor):
-        yield prefix.rstrip("."), obj
-    elif _is_module(obj):
-        yield from _module_tensors(obj, prefix, depth)
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from tensors(value, f"{prefix}{key}.", depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for index, value in enumerate(obj):
-            yield from tensors(value, f"{prefix}{index}.", depth + 1)
+    return _Walk().any(obj, "", 0)

@@ -25,7 +25,8 @@ from ..errors import CorruptCheckpointError, TorchVaultError, UnsafeCheckpointEr
 
 MAX_LINE = 1024  # protocol-0 text lines (names, numbers)
 MAX_LONG_BYTES = 1024  # LONG1/LONG4 payloads; torch's largest is its 10-byte magic number
-MAX_MEMO = 10_000_000
+MAX_MEMO = 10_000_000  # entries, and the largest index (pickle numbers them 0, 1, 2, ...)
+MAX_KEY_NODES = 1_000
 MAX_OPCODES = 100_000_000  # a 300k-tensor state dict takes about 10M
 
 
@@ -167,8 +168,8 @@ class Unpickler:
         return items
 
     def _put(self, index: int) -> None:
-        if index < 0:
-            self._fail("stores at a negative memo index")
+        if not 0 <= index < MAX_MEMO:
+            self._fail(f"stores at memo index {index}, outside 0 to {MAX_MEMO}")
         if len(self.memo) >= MAX_MEMO and index not in self.memo:
             self._fail(f"grows the memo past {MAX_MEMO} entries")
         self.memo[index] = self._top()
@@ -531,11 +532,29 @@ def _frozenset(u: Unpickler) -> None:
     u.stack.append(frozenset(_hashable(u, item) for item in items))
 
 
-def _hashable(u: Unpickler, value: object) -> object:
+def is_key(value: object) -> bool:
+    """Whether ``value`` can be a dict key or set member. Hashing a tuple walks every path
+    through it (tuples do not cache their hash), so the parts are counted first: a few
+    shared tuples nested 30 deep would otherwise take minutes to hash."""
+    budget = MAX_KEY_NODES
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        budget -= 1
+        if budget < 0:
+            return False
+        if type(item) in (tuple, frozenset):
+            pending.extend(item)  # type: ignore[arg-type]
     try:
         hash(value)
     except TypeError:
-        u._fail(f"uses an unhashable {type(value).__name__} as a key or set member")
+        return False
+    return True
+
+
+def _hashable(u: Unpickler, value: object) -> object:
+    if not is_key(value):
+        u._fail(f"uses a {type(value).__name__} that is unhashable or too large as a key")
     return value
 
 

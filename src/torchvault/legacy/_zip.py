@@ -7,8 +7,9 @@ and take any entry name. This reader accepts only what ``torch.save`` produces:
 * the file is fully indexed: local header, data, optional data descriptor, next local
   header, ..., central directory, optional ZIP64 records, end record, comment, end of file;
   nothing before, between or after (no polyglots, no hidden payloads);
-* entries are stored, not compressed (no zip bombs), unencrypted, not symlinks;
-* the local header agrees with the central directory on name, method and sizes;
+* entries are stored, not compressed (no zip bombs), unencrypted, not symlinks; there is
+  no archive comment;
+* the local header agrees with the central directory on name, flags, method and sizes;
 * names are unique, relative, use ``/``, contain no ``..``, drive letters or control
   characters, and all sit under one top-level folder;
 * every entry's CRC-32 is checked before its bytes are used (torch never checks it).
@@ -44,6 +45,7 @@ class Entry:
     start: int
     size: int
     crc: int
+    flags: int = 0
 
 
 class ZipArchive:
@@ -105,16 +107,14 @@ class ZipArchive:
         self.has_crcs = any(entry.crc for entry in self.entries.values())
 
     def _find_end(self) -> int:
-        size = len(self.data)
-        lowest = max(0, size - 22 - _U16)
-        at = size - 22
-        while at >= lowest:
-            if self.data[at : at + 4] == END:
-                (comment,) = self._unpack("<H", at + 20)
-                if at + 22 + comment == size:
-                    return at
-            at -= 1
-        raise self._fail("no end-of-central-directory record at the end of the file (truncated?)")
+        # torch.save writes no archive comment, so the end record is the file's last 22 bytes
+        at = len(self.data) - 22
+        if at < 0 or self.data[at : at + 4] != END or self._unpack("<H", at + 20) != (0,):
+            raise self._fail(
+                "the file does not end with an end-of-central-directory record and no comment "
+                "(truncated, or bytes appended)"
+            )
+        return at
 
     def _zip64(self, end: int) -> tuple[int, int, int, int]:
         locator = end - 20
@@ -141,7 +141,7 @@ class ZipArchive:
             name = self._name(at + 46, nlen, flags)
             usize, csize, local = self._zip64_extra(at + 46 + nlen, xlen, usize, csize, local)
             self._check_entry(name, flags, method, csize, usize, attributes)
-            yield local, Entry(name, -1, usize, crc)
+            yield local, Entry(name, -1, usize, crc, flags)
             at += 46 + nlen + xlen + clen
         if at != cd_end:
             raise self._fail("the central directory has bytes after its last entry")
@@ -216,7 +216,7 @@ class ZipArchive:
             expected = self._descriptor(after, following, entry)
             if entry.name in self.entries:
                 raise self._fail(f"entry {entry.name!r} appears twice")
-            self.entries[entry.name] = Entry(entry.name, start, entry.size, entry.crc)
+            self.entries[entry.name] = Entry(entry.name, start, entry.size, entry.crc, entry.flags)
             prefixes.add(entry.name.split("/", 1)[0])
         if expected != cd_offset:
             raise self._fail("the central directory does not follow the last entry")
@@ -229,9 +229,14 @@ class ZipArchive:
         if sig != LOCAL:
             raise self._fail(f"entry {entry.name!r} has no local header at byte {at}")
         name = self._name(at + 30, nlen, flags)
-        if name != entry.name or method != 0:
+        if name != entry.name:
             raise self._fail(
                 f"the local header names {name!r} but the central directory {entry.name!r}"
+            )
+        if flags != entry.flags or method != 0:
+            raise self._fail(
+                f"entry {entry.name!r}: the local header's flags ({flags:#06x}) or compression "
+                f"method ({method}) differ from the central directory's"
             )
         if not flags & 0x0008 and (crc, usize) != (entry.crc, min(entry.size, _U32)):
             raise self._fail(f"entry {entry.name!r}: local header and central directory disagree")
