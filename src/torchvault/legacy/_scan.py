@@ -12,6 +12,7 @@ import os
 import stat
 from collections import Counter
 
+from .._file import _gc_paused
 from .._report import GlobalRef, ScanReport
 from ..errors import CheckpointNotFoundError, TorchVaultError
 from ._reader import Session, kind_of, open_mapped, read, sniff
@@ -92,7 +93,8 @@ def _scan_file(name: str) -> ScanReport:
     session = Session(name, permissive=True)
     anomalies = []
     try:
-        read(session, data)
+        with _gc_paused():
+            read(session, data)
     except TorchVaultError as exc:
         anomalies.append(exc.message)
     anomalies = [*session.anomalies, *anomalies]
