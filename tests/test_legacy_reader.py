@@ -559,3 +559,24 @@ def test_a_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
         with pytest.raises(tv.UnsupportedFormatError, match="not a regular file"):
             call(fifo)  # type: ignore[operator]
     assert not tv.scan(fifo).safe
+
+
+def test_verify_reads_a_torch_file_and_checks_its_crcs(
+    small_files: dict[str, Path], tmp_path: Path
+) -> None:
+    report = tv.verify(small_files["zip"])
+    assert (report.tensors, report.checksummed) == (4, True)
+    assert not tv.verify(small_files["stacked"]).checksummed
+    data = bytearray(small_files["zip"].read_bytes())
+    data[sorted(_entry_bytes(bytes(data)))[-1]] ^= 1
+    (tmp_path / "bad.pt").write_bytes(data)
+    with pytest.raises(tv.CorruptCheckpointError, match="CRC-32"):
+        tv.verify(tmp_path / "bad.pt")
+
+
+def test_verify_checks_every_shard_of_a_model_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    tv.convert(_write_state(tmp_path), folder, to="hf", max_shard_size=1)
+    report = tv.verify(folder)
+    assert report.tensors == 3  # the tied alias is a name of its own
+    assert report.checked_bytes == 80

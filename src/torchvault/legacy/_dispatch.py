@@ -8,13 +8,14 @@ import os
 import torch
 
 from .._file import _gc_paused
-from .._report import CheckpointInfo, TensorInfo
+from .._report import CheckpointInfo, TensorInfo, VerifyReport
 from .._tensors import MapLocation
 from .._tree import flatten
 from ._hf import load_folder
-from ._reader import Session, is_foreign, open_mapped, read
+from ._reader import Session, is_foreign, open_mapped, read, sniff
+from ._zip import ZipArchive
 
-__all__ = ["inspect", "is_foreign", "load"]
+__all__ = ["inspect", "is_foreign", "load", "verify"]
 
 
 def load(path: str | os.PathLike[str], *, map_location: MapLocation = "cpu") -> object:
@@ -25,6 +26,31 @@ def load(path: str | os.PathLike[str], *, map_location: MapLocation = "cpu") -> 
     name, data = open_mapped(name)
     with _gc_paused():
         return read(Session(name, map_location=map_location), data)
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
+    """A full read of a torch.save file (every CRC) or of every shard of a model folder."""
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        from .._file import verify as verify_file
+
+        reports = [verify_file(os.path.join(name, f)) for f in _weight_files(name)]
+        return VerifyReport(
+            name,
+            sum(r.tensors for r in reports),
+            sum(r.checked_bytes for r in reports),
+            bool(reports) and all(r.checksummed for r in reports),
+        )
+    name, data = open_mapped(name)
+    obj = load(name)
+    tensors = [t for _, t in flatten(obj) if isinstance(t, torch.Tensor)]
+    crcs = sniff(data) == "zip" and ZipArchive(data, name).has_crcs
+    return VerifyReport(name, len(tensors), len(data), crcs)
+
+
+def _weight_files(folder: str) -> list[str]:
+    load_folder(folder)  # the index and the shards agree
+    return sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
 
 
 def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
