@@ -113,8 +113,24 @@ def main() -> None:
     code = cli(["verify", str(damaged)])
     print(f"`torchvault verify` exit code: {code}")
 
-    section("7. a training run killed with SIGKILL resumes exactly where it was")
+    section("7. existing torch.save files, opened without running their code")
+    legacy_demo(model)
+
+    section("8. a training run killed with SIGKILL resumes exactly where it was")
     resume_demo()
+
+
+def legacy_demo(model: nn.Module) -> None:
+    torch.save(model.state_dict(), OUT / "model.pth")
+    report = tv.load_into(make_model(), OUT / "model.pth")
+    print(f"tv.load_into(model, 'model.pth'): {report}")
+    torch.save(model, OUT / "whole-model.pt")  # pickles the classes: torch.load would import them
+    cli(["scan", str(OUT / "whole-model.pt")])
+    salvaged = tv.load_legacy(OUT / "whole-model.pt", salvage=True)
+    print(f"salvaged {len(salvaged.state_dict)} tensors by name; classes never imported: "
+          f"{', '.join(salvaged.classes)}")  # fmt: skip
+    converted = tv.convert(OUT / "model.pth", OUT / "model-hf", to="hf")
+    print(f"converted to a Hugging Face folder: {[Path(f).name for f in converted.files]}")
 
 
 def resume_demo() -> None:
