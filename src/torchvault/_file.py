@@ -109,7 +109,10 @@ def load(
     and changing a loaded tensor never changes the file.
 
     Args:
-        path: a torchvault file, or any safetensors file (loaded as a dict of tensors).
+        path: a torchvault file, or any safetensors file (loaded as a dict of tensors), or a
+            torch.save file or Hugging Face model folder, read by the restricted reader of
+            :func:`load_legacy` (zero-copy, every zip CRC checked; ``lazy`` and ``verify``
+            do not apply).
         map_location: where tensors go: a device (``"cpu"``, ``"cuda:0"``), ``None`` for the
             device each tensor was saved from, or a dict from saved device to target device.
         lazy: map the file and read no tensor byte until a tensor is used.
@@ -122,6 +125,7 @@ def load(
         CorruptCheckpointError: the file is malformed, truncated or fails a checksum; the
             message names the tensor.
         UnsupportedFormatError: the file was written by a newer torchvault.
+        UnsafeCheckpointError: a torch.save file names code outside the allowlist.
 
     Example:
         >>> state = tv.load("model.tv")

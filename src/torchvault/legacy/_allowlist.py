@@ -27,7 +27,7 @@ from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedF
 from ._unpickler import Building, Global, is_key
 
 MAX_DIMS = 64
-_DEVICE = re.compile(r"(cpu|cuda|mps|meta|xpu|hpu|xla|privateuseone)(:[0-9]{1,4})?")
+DEVICE = re.compile(r"(cpu|cuda|mps|meta|xpu|hpu|xla|privateuseone)(:[0-9]{1,4})?")
 _NUMPY_CODE = re.compile(
     r"[US][0-9]{1,6}|[biufc?][0-9]{0,2}|bool|float(16|32|64)|u?int(8|16|32|64)|complex(64|128)"
 )
@@ -365,12 +365,12 @@ def _size(args: tuple[Any, ...]) -> torch.Size:
 
 
 def _device(args: tuple[Any, ...]) -> torch.device:
-    if len(args) == 1 and isinstance(args[0], str) and _DEVICE.fullmatch(args[0]):
+    if len(args) == 1 and isinstance(args[0], str) and DEVICE.fullmatch(args[0]):
         return torch.device(args[0])
     if (
         len(args) == 2
         and isinstance(args[0], str)
-        and _DEVICE.fullmatch(args[0])
+        and DEVICE.fullmatch(args[0])
         and type(args[1]) is int
         and 0 <= args[1] < 10_000
     ):

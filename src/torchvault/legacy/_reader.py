@@ -166,17 +166,16 @@ class Session:
                 where = where.get(saved, saved)
             if where is None:
                 where = saved
-            if isinstance(where, str) and not _allowlist._DEVICE.fullmatch(where):
+            if isinstance(where, str) and not _allowlist.DEVICE.fullmatch(where):
                 raise CorruptCheckpointError(
-                    f"{self.path}: a tensor was saved on device {saved!r:.40}, which is not a "
-                    "device name; pass map_location='cpu'"
+                    f"a tensor was saved on device {saved!r:.40}, which is not a device name; "
+                    "pass map_location='cpu'"
                 )
             device = torch.device(where)
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise UnsupportedFormatError(
-                    f"{self.path}: tensors were saved on {saved} and CUDA is not available "
-                    "here; pass map_location='cpu'",
-                    path=self.path,
+                    f"tensors saved on {saved} would go to {device}, but CUDA is not available "
+                    "here; pass map_location='cpu'"
                 )
             self._devices[saved] = device
         return device
