@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchvault as tv
-from torchvault.legacy import _unpickler
+from torchvault.legacy import _allowlist, _reader, _unpickler
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 SOAK = settings(max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck))
@@ -580,3 +580,49 @@ def test_verify_checks_every_shard_of_a_model_folder(tmp_path: Path) -> None:
     report = tv.verify(folder)
     assert report.tensors == 3  # the tied alias is a name of its own
     assert report.checked_bytes == 80
+
+
+# -- structured fuzzing of the allowlist's handlers ------------------------------------------
+
+_NAMES = [
+    *sorted(name for name in _allowlist.table(_allowlist.Context(lambda _: torch.device("cpu")))),
+    "os.system",
+    "builtins.getattr",
+    "torch.nn.modules.linear.Linear",
+]
+_TOKENS = [
+    b"N", b"\x88", b"\x89", b"K\x00", b"K\x03", b"J\xff\xff\xff\xff", b"M\x00\x01",
+    b"X\x01\x00\x00\x00a", b"X\x06\x00\x00\x00latin1", b"X\x07\x00\x00\x00storage",
+    b"X\x03\x00\x00\x00cpu", b"X\x01\x00\x00\x000", b"C\x04abcd", b"G" + struct.pack(">d", 0.5),
+    b")", b"}", b"]", b"(", b"t", b"\x85", b"\x86", b"\x87", b"R", b"b", b"u", b"e", b"s",
+    b"a", b"\x81", b"Q", b"0", b"2", b"q\x00", b"h\x00", b"q\x01", b"h\x01", b"\x94",
+    *(b"c" + n.rsplit(".", 1)[0].encode() + b"\n" + n.rsplit(".", 1)[1].encode() + b"\n" for n in _NAMES),
+]  # fmt: skip
+
+
+def _run_tokens(tokens: list[bytes], permissive: bool) -> None:
+    session = _reader.Session("fuzz.pt", permissive=permissive)
+    try:
+        obj, _ = session.unpickle(b"\x80\x02" + b"".join(tokens) + b".", 0, legacy_ids=False)
+        for storage in session.storages.values():
+            if storage.nbytes > 1 << 20:
+                return
+            storage.data = torch.zeros(storage.nbytes, dtype=torch.uint8)
+        session.finish(obj)
+    except tv.TorchVaultError:
+        pass
+
+
+@FAST
+@given(tokens=st.lists(st.sampled_from(_TOKENS), max_size=40), permissive=st.booleans())
+def test_fuzz_allowed_globals_with_random_arguments_give_typed_errors(
+    tokens: list[bytes], permissive: bool
+) -> None:
+    _run_tokens(tokens, permissive)
+
+
+@pytest.mark.soak
+@SOAK
+@given(tokens=st.lists(st.sampled_from(_TOKENS), max_size=80), permissive=st.booleans())
+def test_soak_fuzz_allowed_globals(tokens: list[bytes], permissive: bool) -> None:
+    _run_tokens(tokens, permissive)

@@ -31,6 +31,7 @@ DEVICE = re.compile(r"(cpu|cuda|mps|meta|xpu|hpu|xla|privateuseone)(:[0-9]{1,4})
 _NUMPY_CODE = re.compile(
     r"[US][0-9]{1,6}|[biufc?][0-9]{0,2}|bool|float(16|32|64)|u?int(8|16|32|64)|complex(64|128)"
 )
+_STORABLE = frozenset(_dtypes.STORABLE.values())
 _NATIVE = "<" if sys.byteorder == "little" else ">"
 _MODULE_ALIASES = {
     "__builtin__": "builtins",
@@ -43,6 +44,25 @@ _MODULE_ALIASES = {
 def canonical(module: str, name: str) -> str:
     """``module.name`` with Python 2 and numpy 1 module names mapped to today's."""
     return f"{_MODULE_ALIASES.get(module, module)}.{name}"
+
+
+def _is(item: object, *values: object) -> bool:
+    """``item in values``, without calling a file's objects' ``__eq__``: a numpy array
+    compared with ``==`` answers elementwise, and ``in`` would then raise."""
+    return any(_equal(item, value) for value in values)
+
+
+def _equal(item: object, value: object) -> bool:
+    if type(item) is not type(value):
+        return False
+    if isinstance(item, tuple) and isinstance(value, tuple):
+        return len(item) == len(value) and all(map(_equal, item, value))
+    return bool(item == value)
+
+
+def _empty(value: object) -> bool:
+    """None or an empty dict: the hooks and state torch writes for plain tensors."""
+    return value is None or (type(value) in (dict, OrderedDict) and not value)
 
 
 def _bad(what: str) -> CorruptCheckpointError:
@@ -145,7 +165,7 @@ def tensor_spec(ctx: Context, args: tuple[Any, ...], dtype: torch.dtype | None) 
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
     if len(shape) != len(strides) or type(offset) is not int or offset < 0:
         raise _bad("a tensor's size, stride and offset do not fit together")
-    if type(requires_grad) is not bool or (hooks is not None and hooks != {}):
+    if type(requires_grad) is not bool or not _empty(hooks):
         raise _bad("a tensor has a malformed requires_grad flag or backward hooks")
     if storage.nbytes % dtype.itemsize:
         raise _bad(f"storage {storage.key} does not hold whole {dtype} elements")
@@ -178,15 +198,18 @@ class _Rebuild(Global):
             return tensor_spec(self.ctx, args[:6], None)
         if self.version == 3 and len(args) in (7, 8):
             dtype = args[6]
-            if not isinstance(dtype, torch.dtype) or dtype not in _dtypes.DTYPE_NAMES:
-                raise _bad("a tensor names a dtype that is not a torch dtype")
+            if not isinstance(dtype, torch.dtype) or dtype not in _STORABLE:
+                raise UnsupportedFormatError(
+                    f"a tensor of dtype {dtype!r:.40} is saved; quantized and other dtypes "
+                    "without plain bytes are not read"
+                )
             _metadata(args[7:])
             return tensor_spec(self.ctx, args[:6], dtype)
         raise _bad(f"{self.name} is called with {len(args)} arguments")
 
 
 def _metadata(rest: tuple[Any, ...]) -> None:
-    if rest and rest[0] not in (None, {}):
+    if rest and not _empty(rest[0]):
         raise UnsupportedFormatError(
             "a tensor carries extra metadata (conjugate/negative bits or a subclass), which "
             "torchvault's legacy reader does not rebuild"
@@ -200,9 +223,9 @@ class _Parameter(Global):
         if len(args) not in (3, 4) or not isinstance(args[0], TensorSpec):
             raise _bad(f"{self.name} is called with malformed arguments")
         spec, requires_grad, hooks = args[:3]
-        if type(requires_grad) is not bool or (hooks is not None and hooks != {}):
+        if type(requires_grad) is not bool or not _empty(hooks):
             raise _bad("a parameter has a malformed requires_grad flag or hooks")
-        if len(args) == 4 and args[3] not in (None, {}):
+        if len(args) == 4 and not _empty(args[3]):
             raise UnsupportedFormatError(
                 "a Parameter carries Python attributes, which the legacy reader does not set"
             )
@@ -227,7 +250,7 @@ class _FromType(Global):
                 "torch.Tensor and torch.nn.Parameter are rebuilt",
                 global_name=name,
             )
-        if state not in (None, {}):
+        if not _empty(state):
             raise UnsupportedFormatError("a tensor carries Python attributes (state)")
         spec = func.call(inner)
         if isinstance(spec, TensorSpec) and new_type.name == "torch.nn.parameter.Parameter":
@@ -323,7 +346,7 @@ def _bytes_from_text(args: tuple[Any, ...]) -> bytes:
     # protocol 2 writes bytes as _codecs.encode(text, "latin1"), and b"" as bytes()
     if args == ():
         return b""
-    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+    if len(args) == 2 and isinstance(args[0], str) and _is(args[1], "latin1", "latin-1"):
         try:
             return args[0].encode("latin-1")
         except UnicodeEncodeError:
@@ -388,11 +411,12 @@ class _NumpyDtype(Building):
         self.dtype = np.dtype(code)
 
     def build(self, state: object) -> None:
-        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)):
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and _is(state[0], 3, 4)):
             raise _bad("a numpy dtype has a malformed state")
         order, rest = state[1], state[2:8]
         sized = (None, None, None, self.dtype.itemsize, self.dtype.alignment, self.dtype.flags)
-        if order not in ("<", ">", "|", "=") or rest not in ((None, None, None, -1, -1, 0), sized):
+        plain = (None, None, None, -1, -1, 0)
+        if not _is(order, "<", ">", "|", "=") or not _is(rest, plain, sized):
             raise UnsupportedFormatError(
                 "a numpy structured or object dtype is saved; only numbers, bool and "
                 "fixed-width text are read"
@@ -436,7 +460,7 @@ class _NumpyArray(Building):
         self.array: object = None
 
     def build(self, state: object) -> None:
-        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+        if not (isinstance(state, tuple) and len(state) == 5 and _is(state[0], 1)):
             raise _bad("a numpy array has a malformed state")
         _, shape, dtype, fortran, raw = state
         self.array = _array(raw, _as_dtype(dtype), _ints(shape, "numpy shape"), fortran is True)
@@ -454,7 +478,7 @@ def _reconstruct(args: tuple[Any, ...]) -> object:
 
 
 def _frombuffer(args: tuple[Any, ...]) -> object:
-    if len(args) == 4 and args[3] in ("C", "F"):
+    if len(args) == 4 and _is(args[3], "C", "F"):
         shape = _ints(args[2], "numpy shape")
         return _array(args[0], _as_dtype(args[1]), shape, args[3] == "F")
     raise _bad("numpy's _frombuffer is called with malformed arguments")

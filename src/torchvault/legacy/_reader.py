@@ -38,6 +38,7 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 _KEY = re.compile(r"[0-9A-Za-z_.\-]{1,128}")
 _OURS = ("zip", "tar", "pickle")
+_UNEXPECTED = (ValueError, TypeError, RuntimeError, OverflowError, IndexError, KeyError)
 _PROTOCOL_0_STARTS = tuple(bytes([c]) for c in b"(}])NIJKFGSVXci")
 _WRAPPERS = {
     b"\x1f\x8b": "gzip",
@@ -199,6 +200,8 @@ class Session:
             return unpickler.load()
         except TorchVaultError as exc:
             raise located(exc, self.path) from exc
+        except _UNEXPECTED as exc:  # a gap in the checks above: still a typed error
+            raise self.corrupt(f"a malformed pickle ({type(exc).__name__}: {exc})") from exc
 
     def trailing(self, data: memoryview | bytes, at: int, what: str) -> CorruptCheckpointError:
         """The error for bytes after the last pickle; a scan first reads them as further
@@ -215,6 +218,8 @@ class Session:
             raise located(exc, self.path) from exc
         except RecursionError:  # a caller already deep in its own stack
             raise self.corrupt("the pickled object is nested too deeply to walk") from None
+        except _UNEXPECTED as exc:
+            raise self.corrupt(f"a malformed object ({type(exc).__name__}: {exc})") from exc
 
 
 def located(exc: TorchVaultError, path: str) -> TorchVaultError:
@@ -381,8 +386,9 @@ def bytes_tensor(data: mmap.mmap | bytes, start: int, size: int) -> torch.Tensor
 def _read_pickles(session: Session, data: mmap.mmap | bytes) -> object:
     view = memoryview(data)
     first, at = session.unpickle(view, 0, legacy_ids=True)
-    session.format = "torch-legacy" if first == LEGACY_MAGIC else "pickle"
-    if first != LEGACY_MAGIC:
+    legacy = type(first) is int and first == LEGACY_MAGIC
+    session.format = "torch-legacy" if legacy else "pickle"
+    if not legacy:
         if at != len(view):
             raise session.trailing(
                 view,
@@ -397,7 +403,7 @@ def _read_pickles(session: Session, data: mmap.mmap | bytes) -> object:
             )
         return first
     protocol, at = session.unpickle(view, at, legacy_ids=True)
-    if protocol != LEGACY_PROTOCOL:
+    if type(protocol) is not int or protocol != LEGACY_PROTOCOL:
         raise UnsupportedFormatError(
             f"{session.path}: legacy protocol {protocol!r:.20} (torchvault reads {LEGACY_PROTOCOL})",
             path=session.path,

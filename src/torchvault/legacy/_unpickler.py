@@ -684,7 +684,7 @@ def _newobj(u: Unpickler) -> None:
 @_op(b"\x92")
 def _newobj_ex(u: Unpickler) -> None:
     kwargs, args, cls = u._pop(), u._pop(), u._pop()
-    if kwargs != {}:
+    if type(kwargs) is not dict or kwargs:
         u._fail("passes keyword arguments to a constructor")
     u.stack.append(u._new(cls, args))
 
