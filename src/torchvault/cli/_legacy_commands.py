@@ -86,7 +86,8 @@ CONVERT_ARGUMENTS = (
 def scan(args: argparse.Namespace) -> int:
     """Report every global a checkpoint's pickles name, and anything malformed; run nothing.
 
-    Each PATH is a file or a folder (every checkpoint file directly inside it). A global is
+    Each PATH is a file or a folder (every file under it that holds a checkpoint, whatever
+    its name, or is named like one). A global is
     allowed when it is on torchvault's allowlist of data types; any other (a model class,
     os.system) is REFUSED: torch.load(weights_only=False) would import and possibly run it.
     scan only reads: nothing from the files is imported or run.
@@ -135,7 +136,7 @@ def _scan_block(report: ScanReport) -> list[str]:
     status = f"UNSAFE, {refused} refused" if refused else ("UNSAFE" if not report.safe else "safe")
     lines = [f"{one_line(report.path)}: {report.format}; {status}"]
     if report.format in FOLDER_FORMATS:
-        # Say which files were read: a folder scan covers only checkpoint files directly in it.
+        # Say which files were read: a folder vouches only for the checkpoints found in it.
         names = ", ".join(one_line(os.path.relpath(f, report.path)) for f in report.files)
         lines.append(f"  files ({len(report.files)}): {names or 'no checkpoint files'}")
     if report.globals:
