@@ -15,6 +15,7 @@ result is checked when it is finished, see ``_finish.py``).
 
 from __future__ import annotations
 
+import abc
 import codecs
 import struct
 from collections import Counter, OrderedDict, defaultdict
@@ -53,7 +54,7 @@ class Global:
         return f"<global {self.name}>"
 
 
-class Building:
+class Building(abc.ABC):
     """An object under construction by later opcodes (BUILD, SETITEMS, APPENDS).
 
     Subclasses accept only the operations their real counterpart needs; ``value`` gives
@@ -71,9 +72,9 @@ class Building:
     def append(self, value: object) -> None:
         raise _refuse(f"APPEND on a {self.what}")
 
+    @abc.abstractmethod
     def value(self, finish: Callable[[object], object]) -> object:
         """The finished object; ``finish`` finishes the parts it holds."""
-        raise NotImplementedError
 
 
 Resolve = Callable[[str, str], object]
