@@ -256,3 +256,70 @@ class ConvertReport:
     bytes: int
     aliases: tuple[tuple[str, str], ...] = ()
     files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote and how closely it matches the PyTorch model.
+
+    Attributes:
+        path: the file written.
+        format: ``"onnx"`` or ``"program"`` (a torch.export program).
+        file_bytes: the size of the file.
+        checked: input sets compared (the example inputs plus random ones).
+        batch_sizes: the batch sizes compared (more than one when the batch axis is dynamic).
+        max_abs_diff: the largest absolute difference over every output element.
+        max_rel_diff: the largest ``|a - b| / max(|b|, tiny)`` over every output element.
+        rtol: the relative tolerance the comparison used.
+        atol: the absolute tolerance the comparison used.
+        torch_latency_ms: median latency of the PyTorch model on the example inputs.
+        runtime_latency_ms: median latency of the exported artifact (onnxruntime, or the
+            loaded program) on the same inputs.
+        opset: the ONNX opset (None for programs).
+        input_names: the graph's input names.
+        output_names: the graph's output names.
+    """
+
+    path: str
+    format: str
+    file_bytes: int
+    checked: int
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: float
+    max_rel_diff: float
+    rtol: float
+    atol: float
+    torch_latency_ms: float
+    runtime_latency_ms: float
+    opset: int | None = None
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """What ``tv.quantize`` did and what it costs in accuracy.
+
+    Attributes:
+        method: ``"int8-dynamic"`` or ``"int8-weight-only"``.
+        backend: the library that quantized (``"torchao"`` or ``"torch.ao"``).
+        modules: the names of the quantized modules.
+        float_bytes: bytes of the float model's state saved as a torchvault file.
+        quantized_bytes: bytes of the quantized model's state saved as a torchvault file.
+        max_abs_diff: the largest output difference against the float model on the samples.
+        max_rel_diff: the largest relative output difference on the samples.
+        float_latency_ms: median latency of the float model on the sample inputs.
+        quantized_latency_ms: median latency of the quantized model on the same inputs.
+        samples: input sets compared.
+    """
+
+    method: str
+    backend: str
+    modules: tuple[str, ...]
+    float_bytes: int
+    quantized_bytes: int
+    max_abs_diff: float
+    max_rel_diff: float
+    float_latency_ms: float
+    quantized_latency_ms: float
+    samples: int

@@ -12,6 +12,7 @@ would already catch for that kind of failure::
     ├── StateDictMismatchError(RuntimeError)         load_into found keys or shapes that differ
     ├── RestoreMismatchError(RuntimeError)           restore found items without a target
     ├── RunLockedError(RuntimeError)                 another writer holds the run folder
+    ├── ExportMismatchError(RuntimeError)            an exported artifact computes something else
     └── CheckpointWriteError(OSError)                the disk refused a write (ENOSPC, EIO, ...)
 
 Every message says what happened, to which file and key, and how to fix it.
@@ -25,6 +26,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "ExportMismatchError",
     "RestoreMismatchError",
     "RunLockedError",
     "StateDictMismatchError",
@@ -130,3 +132,17 @@ class RestoreMismatchError(TorchVaultError, RuntimeError):
         super().__init__(message, path=path)
         self.missing = missing
         self.unexpected = unexpected
+
+
+class ExportMismatchError(TorchVaultError, RuntimeError):
+    """An exported model (ONNX, torch.export program, quantized model) does not compute what
+    the PyTorch model computes within the tolerance; nothing was left at the destination.
+
+    Attributes:
+        report: the :class:`torchvault.ExportReport` (or ``QuantizationReport``) with the
+            measured differences.
+    """
+
+    def __init__(self, message: str, *, report: object, path: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.report = report

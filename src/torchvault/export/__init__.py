@@ -1,0 +1,7 @@
+"""Deployment artifacts that prove they compute what the model computes: ONNX files checked
+with onnxruntime, torch.export programs that run without the model's class, and quantized
+models with their accuracy cost measured. The optional libraries (onnx, onnxruntime,
+onnxscript, torchao) are imported only when these functions run.
+"""
+
+from __future__ import annotations
