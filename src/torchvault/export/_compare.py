@@ -1,0 +1,111 @@
+"""Comparing an artifact with the model it came from: sample inputs, output differences
+under ``allclose`` semantics, and median latencies. Shared by every export and by quantize.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+def as_inputs(example: torch.Tensor | Sequence[torch.Tensor]) -> Inputs:
+    """The example inputs as a tuple of tensors (a single tensor is one input)."""
+    inputs = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    return inputs
+
+
+def outputs_of(result: object) -> list[torch.Tensor]:
+    """Every tensor of a model's output (a tensor, or nested tuples, lists and dicts), in order."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, Mapping):
+        return [t for value in result.values() for t in outputs_of(value)]
+    if isinstance(result, (list, tuple)):
+        return [t for value in result for t in outputs_of(value)]
+    return []
+
+
+def samples(
+    example: Inputs, count: int, *, batch_sizes: Sequence[int] = (), seed: int = 0
+) -> Iterator[Inputs]:
+    """The example inputs, then ``count`` random inputs of the same shapes and dtypes, then one
+    random input per extra batch size (the first dimension of every input replaced).
+
+    Floating inputs are drawn from a normal distribution with the example's mean and spread;
+    integer inputs uniformly from the example's own range (token ids stay valid); booleans
+    uniformly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    yield example
+    for _ in range(count):
+        yield tuple(_like(t, t.shape, generator) for t in example)
+    for batch in batch_sizes:
+        yield tuple(_like(t, (batch, *t.shape[1:]), generator) for t in example)
+
+
+def _like(t: torch.Tensor, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    if t.dtype == torch.bool:
+        return torch.randint(0, 2, tuple(shape), generator=generator).bool()
+    if t.dtype.is_floating_point:
+        base = t.float()
+        scale = float(base.std()) if base.numel() > 1 else 1.0
+        mean = float(base.mean()) if base.numel() else 0.0
+        drawn = torch.randn(tuple(shape), generator=generator) * (scale or 1.0) + mean
+        return drawn.to(t.dtype)
+    low = int(t.min()) if t.numel() else 0
+    high = int(t.max()) + 1 if t.numel() else 1
+    return torch.randint(low, max(high, low + 1), tuple(shape), generator=generator).to(t.dtype)
+
+
+@dataclass
+class Differences:
+    """The running maximum differences between expected and actual outputs."""
+
+    rtol: float
+    atol: float
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    within: bool = True
+    checked: int = 0
+
+    def add(self, expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> None:
+        """Compare one input's outputs; a different count, shape or a NaN mismatch fails."""
+        self.checked += 1
+        if len(expected) != len(actual):
+            self.within, self.max_abs = False, float("inf")
+            return
+        for want, got in zip(expected, actual, strict=True):
+            want64 = want.detach().to("cpu", torch.float64)
+            got64 = torch.as_tensor(got).detach().to("cpu", torch.float64)
+            if want64.shape != got64.shape:
+                self.within, self.max_abs = False, float("inf")
+                continue
+            if want64.numel() == 0:
+                continue
+            same_nan = torch.isnan(want64) == torch.isnan(got64)
+            diff = (want64 - got64).abs().nan_to_num(0.0)
+            rel = diff / want64.abs().clamp_min(torch.finfo(torch.float64).tiny)
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.max_rel = max(self.max_rel, float(rel.max()))
+            close = diff <= self.atol + self.rtol * want64.abs().nan_to_num(0.0)
+            self.within = self.within and bool(same_nan.all()) and bool(close.all())
+
+
+def median_ms(run: Callable[[], object], *, repeats: int = 20, warmup: int = 3) -> float:
+    """The median wall time of ``run()`` in milliseconds."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0

@@ -1,0 +1,47 @@
+"""The comparison every export's report rests on: samples, differences, latency."""
+
+from __future__ import annotations
+
+import torch
+
+from torchvault.export import _compare
+
+
+def test_samples_start_with_the_example_and_keep_shapes_dtypes_and_integer_ranges() -> None:
+    example = (torch.randn(2, 3), torch.randint(5, 9, (2, 4)), torch.zeros(2, dtype=torch.bool))
+    drawn = list(_compare.samples(example, 3, batch_sizes=(5,)))
+    assert drawn[0] is example
+    assert len(drawn) == 5
+    for inputs in drawn[1:4]:
+        assert [t.shape for t in inputs] == [t.shape for t in example]
+        assert [t.dtype for t in inputs] == [t.dtype for t in example]
+        assert int(inputs[1].min()) >= 5
+        assert int(inputs[1].max()) <= 8
+    assert [t.shape[0] for t in drawn[4]] == [5, 5, 5]
+
+
+def test_differences_use_allclose_semantics_and_record_the_maxima() -> None:
+    diffs = _compare.Differences(rtol=1e-3, atol=1e-6)
+    diffs.add([torch.tensor([1.0, 100.0])], [torch.tensor([1.0, 100.05])])
+    assert diffs.within
+    assert abs(diffs.max_abs - 0.05) < 1e-9
+    diffs.add([torch.tensor([1.0])], [torch.tensor([1.01])])
+    assert not diffs.within
+    assert diffs.checked == 2
+
+
+def test_a_nan_in_only_one_output_or_another_shape_is_a_mismatch() -> None:
+    nan = _compare.Differences(rtol=1e-3, atol=1e-3)
+    nan.add([torch.tensor([float("nan")])], [torch.tensor([0.0])])
+    assert not nan.within
+    both = _compare.Differences(rtol=1e-3, atol=1e-3)
+    both.add([torch.tensor([float("nan")])], [torch.tensor([float("nan")])])
+    assert both.within
+    shape = _compare.Differences(rtol=1e-3, atol=1e-3)
+    shape.add([torch.zeros(2)], [torch.zeros(3)])
+    assert not shape.within
+
+
+def test_outputs_are_flattened_in_order() -> None:
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    assert _compare.outputs_of({"x": a, "y": (b, [c])}) == [a, b, c]
