@@ -24,7 +24,7 @@ def test_differences_use_allclose_semantics_and_record_the_maxima() -> None:
     diffs = _compare.Differences(rtol=1e-3, atol=1e-6)
     diffs.add([torch.tensor([1.0, 100.0])], [torch.tensor([1.0, 100.05])])
     assert diffs.within
-    assert abs(diffs.max_abs - 0.05) < 1e-9
+    assert abs(diffs.max_abs - 0.05) < 1e-5  # float32 inputs
     diffs.add([torch.tensor([1.0])], [torch.tensor([1.01])])
     assert not diffs.within
     assert diffs.checked == 2
