@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from . import _format, _tree
+from . import _format, _stored, _tree
 from ._commit import atomic_file
 from ._contents import (
     CREATED,
@@ -24,7 +24,8 @@ from ._contents import (
     dumps,
     open_file,
 )
-from ._report import CheckpointInfo, TensorInfo, VerifyReport
+from ._report import CheckpointInfo, SaveReport, TensorInfo, VerifyReport
+from ._stored import Storing
 from ._tensors import MapLocation, TensorPlan
 from ._version import __version__
 from .errors import UnsupportedTypeError
@@ -32,7 +33,14 @@ from .errors import UnsupportedTypeError
 PathLike = str | os.PathLike[str]
 
 
-def save(obj: object, path: PathLike, *, metadata: Mapping[str, str] | None = None) -> None:
+def save(
+    obj: object,
+    path: PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+) -> SaveReport:
     """Save ``obj`` to ``path`` atomically, durably and without pickle.
 
     The file is a valid safetensors file: every tensor is readable with
@@ -45,6 +53,17 @@ def save(obj: object, path: PathLike, *, metadata: Mapping[str, str] | None = No
         path: the destination file. It is replaced atomically: a crash leaves the old file
             or the new one, never a partial one.
         metadata: strings to store with the file (keys must not start with ``torchvault.``).
+        dtype: ``torch.bfloat16`` or ``torch.float16`` to store float32/float64 tensors in
+            half precision (half the bytes); the original dtypes are recorded, and
+            ``load(..., restore_dtype=True)`` casts back.
+        quantize: ``"int8"`` to store float matrices (2 or more dimensions, at least 256
+            elements) as int8 with one float32 scale per row (about 4x smaller than
+            float32); ``load`` always dequantizes them to their original dtype. The report
+            gives the largest error per tensor.
+
+    Returns:
+        A :class:`SaveReport`: the file's size, and each tensor stored in another form with
+        the error its conversion made.
 
     Raises:
         UnsupportedTypeError: a value the format cannot hold, naming its path in the tree.
@@ -56,14 +75,19 @@ def save(obj: object, path: PathLike, *, metadata: Mapping[str, str] | None = No
     state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     with _gc_paused():
         plan = TensorPlan()
-        tree = _tree.encode(state, plan.add)
+        storing = Storing(plan, dtype, quantize)
+        tree = _tree.encode(state, storing.add if dtype or quantize else plan.add)
+        count = len(plan.entries) - sum(1 for r in storing.records.values() if "scale" in r)
         blobs = plan.finish()
-        header = _format.build_header(blobs, _members(tree, plan, len(blobs), metadata))
+        members = _members(tree, plan, len(blobs), metadata) | storing.member()
+        header = _format.build_header(blobs, members)
     with atomic_file(path) as handle:
         handle.seek(8 + len(header))
         checksums = _format.write_blobs(handle, blobs)
         handle.seek(0)
         handle.write(_format.seal_header(header, checksums))
+        size = handle.seek(0, os.SEEK_END)
+    return SaveReport(os.fspath(path), size, count, tuple(storing.report))
 
 
 def _members(
@@ -101,7 +125,12 @@ def versions() -> dict[str, str]:
 
 
 def load(
-    path: PathLike, *, map_location: MapLocation = "cpu", lazy: bool = False, verify: bool = True
+    path: PathLike,
+    *,
+    map_location: MapLocation = "cpu",
+    lazy: bool = False,
+    verify: bool = True,
+    restore_dtype: bool = False,
 ) -> object:
     """Load what :func:`save` saved, exactly: same types, structure, dtypes and sharing.
 
@@ -119,6 +148,8 @@ def load(
         verify: check every tensor's checksum before returning (with ``lazy=False``). The
             header is always checked. With ``lazy=True`` data checksums are not read: use
             ``tv.verify(path)`` for that.
+        restore_dtype: cast tensors saved with ``save(..., dtype=...)`` back to the dtype
+            they had (int8-quantized tensors are always dequantized).
 
     Raises:
         CheckpointNotFoundError: no file at ``path``.
@@ -140,7 +171,10 @@ def load(
         if verify and not lazy:
             contents.verify_data(mapping)
         table = contents.table(mapping, map_location)
-        return contents.decode(table.get)
+        stored = _stored.records(contents.header.metadata, contents.path)
+        return contents.decode(
+            _stored.source(table.get, stored, restore_dtype=restore_dtype, path=contents.path)
+        )
 
 
 @contextlib.contextmanager
@@ -190,6 +224,7 @@ def inspect(path: PathLike) -> CheckpointInfo:
 def _tensor_infos(contents: Contents) -> tuple[TensorInfo, ...]:
     table = contents.table(None)
     tree = contents.decode(_Ref)
+    stored = _stored.records(contents.header.metadata, contents.path)
     infos = []
     for key, leaf in _tree.flatten(tree):
         if isinstance(leaf, _Ref):
@@ -197,7 +232,12 @@ def _tensor_infos(contents: Contents) -> tuple[TensorInfo, ...]:
             nbytes = dtype.itemsize
             for n in shape:
                 nbytes *= n
-            infos.append(TensorInfo(key, str(dtype).removeprefix("torch."), shape, nbytes))
+            name = str(dtype).removeprefix("torch.")
+            record = stored.get(leaf.index)
+            if record is not None:
+                infos.append(TensorInfo(key, record["dtype"], shape, nbytes, record["as"]))
+            else:
+                infos.append(TensorInfo(key, name, shape, nbytes))
     return tuple(infos)
 
 

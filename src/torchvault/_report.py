@@ -13,6 +13,42 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    stored_as: str | None = None  # "int8", "bfloat16", "float16": how ``save`` stored it
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor ``save`` stored in another form (``dtype=`` or ``quantize=``).
+
+    Attributes:
+        key: its path in the saved object.
+        dtype: its dtype in memory, which ``load`` gives back (for half precision: with
+            ``restore_dtype=True``).
+        stored_as: ``"int8"`` (per-channel, with a float32 scale per row) or the half dtype.
+        max_abs_error: the largest absolute difference the conversion made.
+    """
+
+    key: str
+    dtype: str
+    stored_as: str
+    max_abs_error: float
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    """What :func:`torchvault.save` wrote.
+
+    Attributes:
+        path: the file written.
+        file_bytes: its size.
+        tensors: tensors saved.
+        stored: the tensors stored in another form, with the error each conversion made.
+    """
+
+    path: str
+    file_bytes: int
+    tensors: int
+    stored: tuple[StoredTensor, ...] = ()
 
 
 @dataclass(frozen=True)

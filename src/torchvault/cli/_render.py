@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._report import CheckpointInfo, CheckpointSummary, VerifyReport
+from .._report import CheckpointInfo, CheckpointSummary, TensorInfo, VerifyReport
 from ._exit import one_line
 
 if TYPE_CHECKING:
@@ -54,7 +54,8 @@ def shape_text(shape: Sequence[int]) -> str:
 def inspect_text(info: CheckpointInfo) -> str:
     """The human-readable ``torchvault inspect`` report."""
     rows = [
-        [one_line(t.key), t.dtype, shape_text(t.shape), human_bytes(t.nbytes)] for t in info.tensors
+        [one_line(t.key), _dtype_text(t), shape_text(t.shape), human_bytes(t.nbytes)]
+        for t in info.tensors
     ]
     lines = table(["key", "dtype", "shape", "size"], rows, right={3})
     count = len(info.tensors)
@@ -66,6 +67,10 @@ def inspect_text(info: CheckpointInfo) -> str:
         *_fields(info),
     ]
     return "\n".join(lines)
+
+
+def _dtype_text(info: TensorInfo) -> str:
+    return info.dtype if info.stored_as is None else f"{info.dtype} (as {info.stored_as})"
 
 
 def _fields(info: CheckpointInfo) -> list[str]:

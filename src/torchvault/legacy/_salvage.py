@@ -16,7 +16,9 @@ import torch
 from ..errors import CorruptCheckpointError
 from ._reader import Stub
 
-MAX_VISITS = 1_000_000  # paths walked; shared containers are walked once per path
+MAX_VISITS = (
+    100_000  # paths walked (a large model has a few thousand); shared containers count per path
+)
 MAX_DEPTH = 100
 
 
