@@ -16,6 +16,7 @@ from ._report import (
     CheckpointSummary,
     ConvertReport,
     DtypeCast,
+    ExportReport,
     GlobalRef,
     LoadReport,
     RenamedKey,
@@ -33,6 +34,7 @@ from .errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    ExportError,
     ExportMismatchError,
     RestoreMismatchError,
     RunLockedError,
@@ -42,6 +44,7 @@ from .errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
+from .export import export_onnx
 from .legacy import convert, load_legacy, scan
 
 __all__ = [
@@ -53,7 +56,9 @@ __all__ = [
     "ConvertReport",
     "CorruptCheckpointError",
     "DtypeCast",
+    "ExportError",
     "ExportMismatchError",
+    "ExportReport",
     "GlobalRef",
     "LoadReport",
     "RenamedKey",
@@ -74,6 +79,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "convert",
+    "export_onnx",
     "inspect",
     "load",
     "load_into",

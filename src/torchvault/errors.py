@@ -12,6 +12,7 @@ would already catch for that kind of failure::
     ├── StateDictMismatchError(RuntimeError)         load_into found keys or shapes that differ
     ├── RestoreMismatchError(RuntimeError)           restore found items without a target
     ├── RunLockedError(RuntimeError)                 another writer holds the run folder
+    ├── ExportError(RuntimeError)                    the model could not be exported, checked or run
     ├── ExportMismatchError(RuntimeError)            an exported artifact computes something else
     └── CheckpointWriteError(OSError)                the disk refused a write (ENOSPC, EIO, ...)
 
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "ExportError",
     "ExportMismatchError",
     "RestoreMismatchError",
     "RunLockedError",
@@ -132,6 +134,12 @@ class RestoreMismatchError(TorchVaultError, RuntimeError):
         super().__init__(message, path=path)
         self.missing = missing
         self.unexpected = unexpected
+
+
+class ExportError(TorchVaultError, RuntimeError):
+    """A model could not be exported: torch.export could not trace it, torch.onnx could not
+    translate an operator, the file failed onnx's checker, or onnxruntime could not load or
+    run it. Nothing was left at the destination; the exporter's exception is chained."""
 
 
 class ExportMismatchError(TorchVaultError, RuntimeError):

@@ -5,3 +5,7 @@ onnxscript, torchao) are imported only when these functions run.
 """
 
 from __future__ import annotations
+
+from ._onnx import export_onnx
+
+__all__ = ["export_onnx"]
