@@ -19,6 +19,7 @@ from ._report import (
     ExportReport,
     GlobalRef,
     LoadReport,
+    QuantizationReport,
     RenamedKey,
     ResumeReport,
     SalvageReport,
@@ -44,7 +45,7 @@ from .errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
-from .export import export_onnx
+from .export import export_onnx, load_quantized, quantize, save_quantized
 from .legacy import convert, load_legacy, scan
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "ExportReport",
     "GlobalRef",
     "LoadReport",
+    "QuantizationReport",
     "RenamedKey",
     "RestoreMismatchError",
     "ResumeReport",
@@ -84,8 +86,11 @@ __all__ = [
     "load",
     "load_into",
     "load_legacy",
+    "load_quantized",
+    "quantize",
     "retention",
     "save",
+    "save_quantized",
     "scan",
     "verify",
 ]

@@ -7,5 +7,6 @@ onnxscript, torchao) are imported only when these functions run.
 from __future__ import annotations
 
 from ._onnx import export_onnx
+from ._quantize import load_quantized, quantize, save_quantized
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "load_quantized", "quantize", "save_quantized"]
