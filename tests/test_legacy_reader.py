@@ -626,3 +626,19 @@ def test_fuzz_allowed_globals_with_random_arguments_give_typed_errors(
 @given(tokens=st.lists(st.sampled_from(_TOKENS), max_size=80), permissive=st.booleans())
 def test_soak_fuzz_allowed_globals(tokens: list[bytes], permissive: bool) -> None:
     _run_tokens(tokens, permissive)
+
+
+def test_scanning_a_run_folder_verifies_its_checkpoints(tmp_path: Path) -> None:
+    model = torch.nn.Linear(64, 64)
+    with tv.CheckpointManager(tmp_path / "run") as manager:
+        for step in range(3):
+            manager.save(step, model=model)
+    report = tv.scan(tmp_path / "run")
+    assert (report.format, report.safe, len(report.files)) == ("run", True, 3)
+    blob = next((tmp_path / "run" / "objects").iterdir())
+    data = bytearray(blob.read_bytes())
+    data[5] ^= 1
+    blob.write_bytes(data)
+    damaged = tv.scan(tmp_path / "run")
+    assert not damaged.safe
+    assert "checksum" in damaged.anomalies[0]

@@ -45,7 +45,14 @@ from .errors import (
     UnsupportedFormatError,
     UnsupportedTypeError,
 )
-from .export import export_onnx, load_quantized, quantize, save_quantized
+from .export import (
+    export_onnx,
+    export_program,
+    load_program,
+    load_quantized,
+    quantize,
+    save_quantized,
+)
 from .legacy import convert, load_legacy, scan
 
 __all__ = [
@@ -82,10 +89,12 @@ __all__ = [
     "__version__",
     "convert",
     "export_onnx",
+    "export_program",
     "inspect",
     "load",
     "load_into",
     "load_legacy",
+    "load_program",
     "load_quantized",
     "quantize",
     "retention",

@@ -233,7 +233,8 @@ class ScanReport:
     Attributes:
         path: the file or folder scanned.
         format: ``"torchvault"``, ``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"``,
-            ``"pickle"``, ``"hf-folder"`` or ``"unknown"``.
+            ``"torch-tar"``, ``"torch-program"``, ``"pickle"``, ``"hf-folder"``, ``"folder"``
+            or ``"unknown"``.
         globals: every global the pickles name, allowed or refused.
         anomalies: container or data problems (bad CRC, malformed records, refused opcodes).
         files: the files scanned (one, or each file of a folder).

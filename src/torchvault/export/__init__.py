@@ -7,6 +7,15 @@ onnxscript, torchao) are imported only when these functions run.
 from __future__ import annotations
 
 from ._onnx import export_onnx
+from ._program import export_program, load_program, program_path
 from ._quantize import load_quantized, quantize, save_quantized
 
-__all__ = ["export_onnx", "load_quantized", "quantize", "save_quantized"]
+__all__ = [
+    "export_onnx",
+    "export_program",
+    "load_program",
+    "load_quantized",
+    "program_path",
+    "quantize",
+    "save_quantized",
+]

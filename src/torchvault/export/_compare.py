@@ -4,6 +4,7 @@ under ``allclose`` semantics, and median latencies. Shared by every export and b
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,6 +21,37 @@ def as_inputs(example: torch.Tensor | Sequence[torch.Tensor]) -> Inputs:
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
     return inputs
+
+
+def dynamic_shapes(spec: object, inputs: Inputs) -> object:
+    """torch.export's ``dynamic_shapes`` for ``spec`` (``"batch"`` spelled out)."""
+    if not isinstance(spec, str):
+        return spec
+    if spec != "batch":
+        raise ValueError(
+            f'dynamic_shapes must be "batch", None or torch.export dynamic shapes, got {spec!r}'
+        )
+    scalars = [i for i, t in enumerate(inputs) if t.dim() == 0]
+    if scalars:
+        raise ValueError(
+            f'dynamic_shapes="batch" makes dim 0 of every input dynamic, but input {scalars[0]} '
+            "is a scalar; pass torch.export dynamic shapes for each input instead"
+        )
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} for _ in inputs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for an export; afterwards every submodule's own flag comes back as it was
+    (``model.train(flag)`` would overwrite submodules deliberately kept in eval)."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
 
 
 def outputs_of(result: object) -> list[torch.Tensor]:

@@ -114,8 +114,8 @@ def export_onnx(
     dest = Path(path)
     job = _Job(type(model).__name__, dest, _commit.temp_name(dest))
     job.check_destination()
-    shapes = _dynamic_shapes(dynamic_shapes, inputs)
-    with _eval_mode(model), torch.no_grad():
+    shapes = _compare.dynamic_shapes(dynamic_shapes, inputs)
+    with _compare.eval_mode(model), torch.no_grad():
         program = _export(job, model, inputs, shapes, opset, input_names, output_names)
         _commit.remove_orphans(job.dest)
         try:
@@ -188,37 +188,6 @@ def _require(name: str) -> Any:
             f"export_onnx needs onnx, onnxscript and onnxruntime, and {name} is not "
             f"installed: {_EXTRA}"
         ) from exc
-
-
-def _dynamic_shapes(spec: object, inputs: _compare.Inputs) -> object:
-    """torch.export's ``dynamic_shapes`` for ``spec`` (``"batch"`` spelled out)."""
-    if not isinstance(spec, str):
-        return spec
-    if spec != "batch":
-        raise ValueError(
-            f'dynamic_shapes must be "batch", None or torch.export dynamic shapes, got {spec!r}'
-        )
-    scalars = [i for i, t in enumerate(inputs) if t.dim() == 0]
-    if scalars:
-        raise ValueError(
-            f'dynamic_shapes="batch" makes dim 0 of every input dynamic, but input {scalars[0]} '
-            "is a scalar; pass torch.export dynamic shapes for each input instead"
-        )
-    batch = torch.export.Dim("batch")
-    return tuple({0: batch} for _ in inputs)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the export; afterwards every submodule's own flag comes back as it was
-    (``model.train(flag)`` would overwrite submodules deliberately kept in eval)."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 @contextlib.contextmanager

@@ -14,10 +14,22 @@ from collections import Counter
 
 from .._file import _gc_paused
 from .._report import GlobalRef, ScanReport
+from .._store import RUN_FILE
 from ..errors import CheckpointNotFoundError, TorchVaultError
 from ._reader import Session, kind_of, open_mapped, read, sniff
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tv", ".pkl", ".pickle")
+CHECKPOINT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".tv",
+    ".pkl",
+    ".pickle",
+    ".tar",
+    ".pt2",
+)
 
 
 def scan(path: str | os.PathLike[str]) -> ScanReport:
@@ -51,6 +63,8 @@ def _scan_folder(folder: str) -> ScanReport:
     """Every file under ``folder`` that holds a checkpoint (by content, whatever its name:
     ``model_best.pth.tar`` is a torch zip) or is named like one, at any depth."""
     reports = [_scan_file(path) for path in _candidates(folder)]
+    if os.path.isfile(os.path.join(folder, RUN_FILE)):
+        reports.append(_scan_run(folder))
     counts: Counter[str] = Counter()
     allowed: dict[str, bool] = {}
     anomalies: list[str] = []
@@ -62,14 +76,38 @@ def _scan_folder(folder: str) -> ScanReport:
     if not reports:
         anomalies.append(f"{folder}: no checkpoint file in the folder, so nothing was vouched for")
     hf = os.path.exists(os.path.join(folder, "config.json"))
+    run = os.path.isfile(os.path.join(folder, RUN_FILE))
     refs = tuple(GlobalRef(n, allowed[n], c) for n, c in sorted(counts.items()))
-    files = tuple(r.path for r in reports)
-    return ScanReport(folder, "hf-folder" if hf else "folder", refs, tuple(anomalies), files)
+    files = tuple(f for r in reports for f in r.files)
+    kind = "run" if run else "hf-folder" if hf else "folder"
+    return ScanReport(folder, kind, refs, tuple(anomalies), files)
+
+
+def _scan_run(folder: str) -> ScanReport:
+    """A CheckpointManager run: no pickle anywhere; every committed checkpoint's manifest
+    and objects are read and verified."""
+    from .. import _run  # the run readers import the file API, which imports this package
+    from .._store import RunStore
+
+    anomalies = []
+    try:
+        store = RunStore(folder)
+        store.check()
+        steps = store.steps()
+        for step in steps:
+            _run.load_tree(store, step)
+    except TorchVaultError as exc:
+        anomalies.append(exc.message)
+        steps = []
+    manifests = tuple(str(store.manifest_path(step)) for step in steps) if not anomalies else ()
+    return ScanReport(folder, "run", anomalies=tuple(anomalies), files=manifests)
 
 
 def _candidates(folder: str) -> list[str]:
     found = []
     for root, dirs, names in os.walk(folder):
+        if RUN_FILE in names and "objects" in dirs:
+            dirs.remove("objects")  # a run's raw tensor blobs: no format, nothing to run
         dirs.sort()
         for name in sorted(names):
             path = os.path.join(root, name)
@@ -77,7 +115,9 @@ def _candidates(folder: str) -> list[str]:
                 continue
             with open(path, "rb") as file:
                 kind = kind_of(file.read(512), os.fstat(file.fileno()).st_size)
-            if kind != "unknown" or name.endswith(CHECKPOINT_SUFFIXES):
+            # a first byte of 0x80 is weak evidence of a pickle; a name is needed too
+            named = name.endswith(CHECKPOINT_SUFFIXES)
+            if named or kind not in ("unknown", "pickle"):
                 found.append(path)
     return found
 
@@ -88,6 +128,11 @@ def _scan_file(name: str) -> ScanReport:
     except TorchVaultError as exc:
         return ScanReport(name, "unknown", anomalies=(exc.message,), files=(name,))
     kind = sniff(data)
+    if kind == "zip":
+        from ..export._program import is_program, scan_program  # export imports legacy
+
+        if is_program(data):
+            return scan_program(name, data)
     if kind not in ("zip", "pickle", "tar"):
         return _scan_native(name)
     session = Session(name, permissive=True)
