@@ -12,6 +12,10 @@ Usage::
     torchvault export RUN [--step latest|best|N] OUT [--item NAME]
     torchvault scan PATH... [--json]       # every global a torch.save file names; runs nothing
     torchvault convert SRC DST [--to torchvault|safetensors|hf] [--max-shard-size SIZE] [--json]
+    torchvault export onnx|program --model MODULE:FACTORY [--checkpoint PATH_OR_RUN]
+                      --input-shape 1,3,32,32 [--dynamic-batch] OUT   # exported and checked
+    torchvault quantize --model MODULE:FACTORY [--checkpoint PATH_OR_RUN]
+                        --input-shape 8,64 [--method int8-dynamic|int8-weight-only] OUT
     torchvault --version
 
 ``RUN`` is a run folder, the directory given to ``tv.CheckpointManager``. ``ls``, ``diff``,
@@ -48,7 +52,7 @@ import sys
 import torch
 
 from .._version import __version__
-from . import _legacy_commands, _run_commands  # noqa: F401  (register the commands)
+from . import _deploy_commands, _legacy_commands, _run_commands  # noqa: F401  (registers)
 from ._commands import COMMANDS, Command
 from ._exit import EPILOG, ExitCode, UsageError, one_line, report
 
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_deploy_commands.route(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse exits for --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     try:

@@ -1,0 +1,249 @@
+"""The deployment commands: ``export onnx``, ``export program`` and ``quantize``.
+
+Each builds the model from a factory the user names (``--model pkg.module:make_model``: the
+user's own code, imported like any script would), loads the weights from a checkpoint file
+or the best checkpoint of a run, writes the artifact and prints the report that proves it
+computes what the model computes::
+
+    torchvault export onnx --model nets:small_cnn --checkpoint runs/exp1 \\
+        --input-shape 1,3,32,32 model.onnx
+    torchvault quantize --model nets:mlp --checkpoint mlp.tv --input-shape 8,64 mlp-int8.tv
+
+``torchvault export RUN OUT`` (a checkpoint to a standalone file) stays as it was: ``export``
+followed by ``onnx`` or ``program`` is routed here by :func:`route`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import _run
+from .._load_into import load_into
+from .._report import ExportReport, QuantizationReport
+from ..errors import CheckpointNotFoundError
+from ._commands import JSON, Argument, command, print_json
+from ._exit import ExitCode, UsageError, one_line
+from ._progress import Progress
+from ._runs import open_run, resolve, step_argument
+
+DEPLOY_EXPORTS = {"onnx": "export-onnx", "program": "export-program"}
+
+
+def route(argv: Sequence[str]) -> list[str]:
+    """``export onnx ...`` and ``export program ...`` as their own commands."""
+    args = list(argv)
+    if len(args) >= 2 and args[0] == "export" and args[1] in DEPLOY_EXPORTS:
+        return [DEPLOY_EXPORTS[args[1]], *args[2:]]
+    return args
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 1,3,32,32")
+    return dims
+
+
+MODEL_ARGUMENTS = (
+    Argument(
+        ("--model",),
+        {
+            "required": True,
+            "metavar": "MODULE:FACTORY",
+            "help": "a function that returns the model, e.g. nets:small_cnn (imported from the "
+            "current folder or the Python path)",
+        },
+    ),
+    Argument(
+        ("--checkpoint",),
+        {
+            "metavar": "PATH_OR_RUN",
+            "help": "weights: a checkpoint file (torchvault, safetensors, torch.save, Lightning) "
+            "or a run folder (its best checkpoint by default); none: the factory's weights",
+        },
+    ),
+    Argument(
+        ("--step",),
+        {
+            "type": step_argument,
+            "default": "best",
+            "metavar": "latest|best|N",
+            "help": "with a run folder: the checkpoint to load (default: best)",
+        },
+    ),
+    Argument(
+        ("--item",),
+        {
+            "default": "model",
+            "metavar": "NAME",
+            "help": "with a run folder: the item holding the model (default: model)",
+        },
+    ),
+    Argument(
+        ("--input-shape",),
+        {
+            "type": _shape,
+            "action": "append",
+            "required": True,
+            "metavar": "N,C,...",
+            "help": "the shape of one example input (repeat for several inputs)",
+        },
+    ),
+    Argument(
+        ("--input-dtype",),
+        {
+            "default": "float32",
+            "metavar": "DTYPE",
+            "help": "the dtype of the example inputs (default: float32; int64 for token ids)",
+        },
+    ),
+)
+EXPORT_ARGUMENTS = (
+    *MODEL_ARGUMENTS,
+    Argument(("out",), {"metavar": "OUT", "help": "the file to write"}),
+    Argument(("--dynamic-batch",), {"action": "store_true", "help": "make dim 0 dynamic"}),
+    Argument(("--rtol",), {"type": float, "default": None, "help": "relative tolerance"}),
+    Argument(("--atol",), {"type": float, "default": None, "help": "absolute tolerance"}),
+    JSON,
+)
+QUANTIZE_ARGUMENTS = (
+    *MODEL_ARGUMENTS,
+    Argument(("out",), {"metavar": "OUT", "help": "the torchvault file to write"}),
+    Argument(
+        ("--method",),
+        {
+            "default": "int8-dynamic",
+            "choices": ("int8-dynamic", "int8-weight-only"),
+            "help": "the quantization (default: int8-dynamic)",
+        },
+    ),
+    JSON,
+)
+
+
+def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """The user's model with the checkpoint's weights, in eval mode, and example inputs."""
+    module_name, _, factory_name = args.model.partition(":")
+    if not module_name or not factory_name:
+        raise UsageError(f"--model {args.model!r}: write MODULE:FACTORY, e.g. nets:small_cnn")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    factory = getattr(importlib.import_module(module_name), factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"--model {args.model!r}: {module_name} has no function {factory_name}")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {args.model!r} returned a {type(model).__name__}, not a module")
+    if args.checkpoint is not None:
+        _load_weights(model, args)
+    dtype = getattr(torch, args.input_dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"--input-dtype {args.input_dtype!r} is not a torch dtype")
+    generator = torch.Generator().manual_seed(0)
+    inputs = tuple(
+        torch.randn(shape, generator=generator).to(dtype)
+        if dtype.is_floating_point
+        else torch.randint(0, 2, shape, generator=generator).to(dtype)
+        for shape in args.input_shape
+    )
+    return model.eval(), inputs
+
+
+def _load_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    source = args.checkpoint
+    if not os.path.exists(source):
+        raise CheckpointNotFoundError(f"{source}: no such file or run folder", path=source)
+    if os.path.isdir(source) and os.path.isdir(os.path.join(source, "checkpoints")):
+        store = open_run(source)
+        step = resolve(store, args.step)
+        _, state = _run.load_tree(store, step)
+        items = state[_run.ITEMS]
+        if args.item not in items:
+            raise CheckpointNotFoundError(
+                f"{source}: step {step} has no item {args.item!r} (it has {sorted(items)}); "
+                "pass --item",
+                path=source,
+            )
+        load_into(model, items[args.item])
+    else:
+        load_into(model, source)
+
+
+def _dynamic(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"dynamic_shapes": "batch"} if args.dynamic_batch else {}
+    if args.rtol is not None:
+        options["rtol"] = args.rtol
+    if args.atol is not None:
+        options["atol"] = args.atol
+    return options
+
+
+@command("export-onnx", arguments=EXPORT_ARGUMENTS)
+def export_onnx(args: argparse.Namespace) -> int:
+    """Export the model to ONNX, check it with onnxruntime against PyTorch, print the report.
+
+    Invoked as ``torchvault export onnx``. Exits 1 (and writes nothing) when the outputs
+    differ beyond the tolerance.
+    """
+    from ..export import export_onnx as run
+
+    model, inputs = build_model(args)
+    with Progress(f"exporting {args.model} to ONNX") as progress, progress.ticking():
+        report = run(model, inputs, args.out, **_dynamic(args))
+    _print(report, args.json)
+    return ExitCode.OK
+
+
+@command("export-program", arguments=EXPORT_ARGUMENTS)
+def export_program(args: argparse.Namespace) -> int:
+    """Export the model as a torch.export program that runs without its Python class.
+
+    Invoked as ``torchvault export program``. Exits 1 (and writes nothing) when the loaded
+    program's outputs differ beyond the tolerance.
+    """
+    from ..export import export_program as run
+
+    model, inputs = build_model(args)
+    with Progress(f"exporting {args.model} as a program") as progress, progress.ticking():
+        report = run(model, inputs, args.out, **_dynamic(args))
+    _print(report, args.json)
+    return ExitCode.OK
+
+
+@command("quantize", arguments=QUANTIZE_ARGUMENTS)
+def quantize(args: argparse.Namespace) -> int:
+    """Quantize the model for CPU inference, save it, print size, latency and deviation."""
+    from ..export import quantize as run
+    from ..export import save_quantized
+
+    model, inputs = build_model(args)
+    with Progress(f"quantizing {args.model}") as progress, progress.ticking():
+        quantized, report = run(model, args.method, example_inputs=inputs)
+        save_quantized(quantized, args.out)
+    _print(report, args.json)
+    return ExitCode.OK
+
+
+def _print(report: ExportReport | QuantizationReport, as_json: bool) -> None:
+    fields = dataclasses.asdict(report)
+    if as_json:
+        print_json(
+            {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in fields.items()}
+        )
+        return
+    width = max(len(k) for k in fields)
+    for key, value in fields.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+        print(f"{key:<{width}}  {one_line(str(shown))}")
