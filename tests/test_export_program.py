@@ -680,3 +680,18 @@ def test_staged_temp_files_of_an_interrupted_export_are_not_left_behind(
     with pytest.raises(CheckpointWriteError, match="disk is full"):
         export_program(MLP().eval(), torch.randn(2, 8), tmp_path / "m.pt2", samples=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manager_attaches_a_program_that_retention_deletes(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    run = tmp_path / "run"
+    with tv.CheckpointManager(run, keep_last=1) as manager:
+        manager.save(1, model=model)
+        report = manager.export_program(1, model, (x,))
+        assert report.format == "program"
+        assert torch.allclose(tv.load_program(run, step="latest")(x), model(x), atol=1e-6)
+        with pytest.raises(tv.CheckpointNotFoundError, match="not committed"):
+            manager.export_program(7, model, (x,))
+        manager.save(2, model=model)
+    assert not (run / "programs" / "step-000000000001.pt2").exists()

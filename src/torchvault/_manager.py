@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from . import _format, _rng, _tree, retention
+from ._commit import make_dirs
 from ._file import _gc_paused, versions
 from ._format import Blob, flat_bytes
-from ._report import CheckpointSummary, ResumeReport
+from ._report import CheckpointSummary, ExportReport, ResumeReport
 from ._run import (
     ITEMS,
     RNG,
@@ -326,6 +327,30 @@ class CheckpointManager:
         """Write a committed checkpoint (or one ``item`` of it) as a standalone torchvault file."""
         self.wait()
         export(self._store, step, path, item=item)
+
+    def export_program(
+        self, step: int, model: torch.nn.Module, example_inputs: Any, **options: Any
+    ) -> ExportReport:
+        """Attach a torch.export program of ``model`` to committed checkpoint ``step``: it runs
+        without the model's class (``tv.load_program(run, step=...)``) and is deleted with
+        the checkpoint. Options and report as :func:`torchvault.export_program`.
+
+        Example:
+            >>> mgr.export_program(mgr.best_step, model, (x,), dynamic_shapes="batch")
+            >>> program = tv.load_program("runs/exp1", step="best")
+        """
+        from .export import export_program, program_path  # torch.export is heavy: on first use
+
+        self.wait()
+        if step not in self._records:
+            raise CheckpointNotFoundError(
+                f"step {step} is not committed in {self._store.root}; export a committed step "
+                f"({self.steps})",
+                path=str(self._store.root),
+            )
+        path = program_path(self._store.root, step)
+        make_dirs(path.parent)
+        return export_program(model, example_inputs, path, **options)
 
     # ------------------------------------------------------------------ lifetime
 

@@ -164,8 +164,10 @@ class RunStore:
         self.storage.put(name, [seal(document)])
 
     def delete(self, step: int) -> None:
-        """Delete a checkpoint's manifest (its objects go with :meth:`collect_garbage`)."""
+        """Delete a checkpoint's manifest (its objects go with :meth:`collect_garbage`), then
+        the program exported for it, if any."""
         self.storage.delete(_manifest(step))
+        self.storage.delete(program(step))
 
     def collect_garbage(self, keep: Iterable[str]) -> int:
         """Delete every object not in ``keep``; return the bytes freed. Only names shaped
@@ -274,6 +276,11 @@ class RunStore:
 
 def _object(digest: str) -> str:
     return f"objects/{digest}"
+
+
+def program(step: int) -> str:
+    """The storage name of the torch.export program attached to checkpoint ``step``."""
+    return f"programs/step-{step:012d}.pt2"
 
 
 def _manifest(step: int) -> str:
