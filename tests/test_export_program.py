@@ -42,13 +42,8 @@ from torchvault.errors import (
     UnsafeCheckpointError,
     UnsupportedFormatError,
 )
-from torchvault.export._program import (
-    export_program,
-    is_program,
-    load_program,
-    program_path,
-    scan_program,
-)
+from torchvault.export._program import export_program, load_program, program_path
+from torchvault.export._pt2 import is_program, scan_program
 
 SAMPLES = 3
 

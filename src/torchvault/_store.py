@@ -278,9 +278,12 @@ def _object(digest: str) -> str:
     return f"objects/{digest}"
 
 
+PROGRAMS = "programs"
+
+
 def program(step: int) -> str:
     """The storage name of the torch.export program attached to checkpoint ``step``."""
-    return f"programs/step-{step:012d}.pt2"
+    return f"{PROGRAMS}/step-{step:012d}.pt2"
 
 
 def _manifest(step: int) -> str:

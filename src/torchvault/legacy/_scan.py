@@ -129,7 +129,7 @@ def _scan_file(name: str) -> ScanReport:
         return ScanReport(name, "unknown", anomalies=(exc.message,), files=(name,))
     kind = sniff(data)
     if kind == "zip":
-        from ..export._program import is_program, scan_program  # export imports legacy
+        from ..export._pt2 import is_program, scan_program  # export imports legacy
 
         if is_program(data):
             return scan_program(name, data)
