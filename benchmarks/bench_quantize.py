@@ -35,8 +35,7 @@ from torch import nn
 
 from bench_file import Start, log, machine
 from torchvault._report import QuantizationReport
-from torchvault.export import _compare, _quantize
-from torchvault.export._quantize import load_quantized, quantize, save_quantized
+from torchvault.export import _compare, _quantize, load_quantized, quantize, save_quantized
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 import torchvault as tv
-from torchvault.export import _quantize
-from torchvault.export._quantize import load_quantized, quantize, save_quantized
+from torchvault.export import _quantize_backends, load_quantized, quantize, save_quantized
 
 METHODS = ["int8-dynamic", "int8-weight-only"]
 INSTALL = 'pip install "torchvault[quantize]"'
@@ -113,7 +112,7 @@ def without_torchao(monkeypatch: pytest.MonkeyPatch) -> None:
     def missing(purpose: str) -> None:
         raise ImportError(f"{purpose} needs torchao, which is not installed: {INSTALL}")
 
-    monkeypatch.setattr(_quantize, "_torchao", missing)
+    monkeypatch.setattr(_quantize_backends, "_torchao", missing)
 
 
 def outputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -209,7 +208,7 @@ def test_a_saved_model_reloads_into_a_fresh_skeleton_bit_identically(
     loaded = load_quantized(make(seed=7), tmp_path / "q.tv")
     inputs = example()
     assert torch.equal(outputs(loaded, inputs), outputs(quantized, inputs))
-    assert _quantize._quantized_modules(loaded, "torchao") == linears
+    assert _quantize_backends._quantized_modules(loaded, "torchao") == linears
     assert not loaded.training
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ._onnx import export_onnx
 from ._program import export_program, load_program, program_path
-from ._quantize import load_quantized, quantize, save_quantized
+from ._quantize import quantize
+from ._quantized_file import load_quantized, save_quantized
 
 __all__ = [
     "export_onnx",
