@@ -5,12 +5,18 @@ under ``allclose`` semantics, and median latencies. Shared by every export and b
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from .. import _commit
+from ..errors import CheckpointWriteError
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -21,6 +27,19 @@ def as_inputs(example: torch.Tensor | Sequence[torch.Tensor]) -> Inputs:
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
     return inputs
+
+
+def check_destination(dest: Path, example: str) -> None:
+    """Fail before a (slow) export when ``dest`` could not be written anyway."""
+    if dest.is_dir():
+        raise CheckpointWriteError(
+            f"cannot export to {dest}: it is a folder; pass a file path such as {dest / example}",
+            path=dest,
+            errno=errno.EISDIR,
+        )
+    if not dest.parent.is_dir():
+        missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        raise _commit._write_error(dest, missing, "export to")
 
 
 def dynamic_shapes(spec: object, inputs: Inputs) -> object:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import importlib
 import logging
 import math
@@ -113,7 +112,7 @@ def export_onnx(
         raise ValueError(f"samples must be 0 or more, got {samples}")
     dest = Path(path)
     job = _Job(type(model).__name__, dest, _commit.temp_name(dest))
-    job.check_destination()
+    _compare.check_destination(job.dest, "model.onnx")
     shapes = _compare.dynamic_shapes(dynamic_shapes, inputs)
     with _compare.eval_mode(model), torch.no_grad():
         program = _export(job, model, inputs, shapes, opset, input_names, output_names)
@@ -139,19 +138,6 @@ class _Job:
     model: str
     dest: Path
     staged: Path
-
-    def check_destination(self) -> None:
-        """Fail before the (slow) export when the file could not be written anyway."""
-        if self.dest.is_dir():
-            raise CheckpointWriteError(
-                f"cannot export to {self.dest}: it is a folder; pass a file path such as "
-                f"{self.dest / 'model.onnx'}",
-                path=self.dest,
-                errno=errno.EISDIR,
-            )
-        if not self.dest.parent.is_dir():
-            missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-            raise self.write_error(missing)
 
     def write_error(self, exc: OSError) -> CheckpointWriteError:
         return _commit._write_error(self.dest, exc, "export to")

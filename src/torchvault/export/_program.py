@@ -44,7 +44,6 @@ names as identifiers. torch then loads an archive rebuilt in memory from the che
 from __future__ import annotations
 
 import dataclasses
-import errno
 import io
 import math
 import os
@@ -59,7 +58,6 @@ from .._run import StepRef, resolve
 from .._store import PROGRAMS, RunStore, program
 from ..errors import (
     CheckpointNotFoundError,
-    CheckpointWriteError,
     ExportError,
     ExportMismatchError,
     TorchVaultError,
@@ -144,7 +142,7 @@ def export_program(
     if samples < 0:
         raise ValueError(f"samples must be 0 or more, got {samples}")
     job = _Job(type(model).__name__, Path(path), samples, rtol, atol)
-    job.check_destination()
+    _compare.check_destination(job.dest, "model.pt2")
     shapes = _compare.dynamic_shapes(dynamic_shapes, inputs)
     with _compare.eval_mode(model):
         program = job.capture(model, inputs, shapes)
@@ -194,19 +192,6 @@ class _Job:
     samples: int
     rtol: float
     atol: float
-
-    def check_destination(self) -> None:
-        """Fail before the (slow) export when the file could not be written anyway."""
-        if self.dest.is_dir():
-            raise CheckpointWriteError(
-                f"cannot export to {self.dest}: it is a folder; pass a file path such as "
-                f"{self.dest / 'model.pt2'}",
-                path=self.dest,
-                errno=errno.EISDIR,
-            )
-        if not self.dest.parent.is_dir():
-            missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-            raise _commit._write_error(self.dest, missing, "export to")
 
     def capture(
         self, model: torch.nn.Module, inputs: _compare.Inputs, shapes: object

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,23 +23,13 @@ from .. import _file
 from .._report import QuantizationReport
 from . import _compare
 from ._quantize_backends import (
+    METHODS,
     _apply,
     _check_float,
     _choose_backend,
     _quantized_modules,
 )
 from ._quantized_file import _save
-
-METHODS = ("int8-dynamic", "int8-weight-only")
-BACKENDS = ("torchao", "torch.ao")
-FORMAT = 1
-METADATA_KEY = "quantization"
-_INSTALL = 'pip install "torchvault[quantize]"'
-_LISTED = 10
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-Spec = tuple[tuple[int, ...], str | None]  # a float tensor's shape and dtype name
-
 
 # ----------------------------------------------------------------------------- quantize
 

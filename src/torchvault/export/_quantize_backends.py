@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import re
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,14 +12,7 @@ from typing import Any
 import torch
 
 METHODS = ("int8-dynamic", "int8-weight-only")
-BACKENDS = ("torchao", "torch.ao")
-FORMAT = 1
-METADATA_KEY = "quantization"
 _INSTALL = 'pip install "torchvault[quantize]"'
-_LISTED = 10
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-Spec = tuple[tuple[int, ...], str | None]  # a float tensor's shape and dtype name
 
 
 # ----------------------------------------------------------------------------- backends

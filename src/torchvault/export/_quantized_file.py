@@ -38,6 +38,7 @@ from ..errors import (
     UnsupportedTypeError,
 )
 from ._quantize_backends import (
+    METHODS,
     _apply,
     _check_float,
     _dtype_name,
@@ -49,11 +50,9 @@ from ._quantize_backends import (
     _torchao_weights,
 )
 
-METHODS = ("int8-dynamic", "int8-weight-only")
 BACKENDS = ("torchao", "torch.ao")
 FORMAT = 1
 METADATA_KEY = "quantization"
-_INSTALL = 'pip install "torchvault[quantize]"'
 _LISTED = 10
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
