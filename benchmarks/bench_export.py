@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_file import WORK, Start, log, machine
-from torchvault.export._onnx import export_onnx
+from bench_file import WORK, Start, log, machine, publish
+from torchvault import export_onnx
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -308,10 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         text = report([section(args) for section in SECTIONS], args, start)
     finally:
         shutil.rmtree(BASE, ignore_errors=True)
-    print(text)
-    if str(args.results) != "-":
-        args.results.write_text(text)
-        log(f"wrote {args.results}")
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

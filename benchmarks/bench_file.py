@@ -765,6 +765,14 @@ def report(big: list[Result], small: list[Result], args: argparse.Namespace, sta
 # ----------------------------------------------------------------------------- main
 
 
+def publish(text: str, results: Path) -> None:
+    """Print the report and write it to ``results`` (``-``: print only)."""
+    print(text)
+    if str(results) != "-":
+        results.write_text(text)
+        log(f"wrote {results}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
@@ -811,10 +819,7 @@ def main(argv: list[str] | None = None) -> None:
         small_load, small_cases(small_load), small_load.build(), args.runs, args.warmup
     )
     text = report(big, small, args, start)
-    print(text)
-    if str(args.results) != "-":
-        args.results.write_text(text)
-        log(f"wrote {args.results}")
+    publish(text, args.results)
     cleanup([big_load, small_load])
 
 

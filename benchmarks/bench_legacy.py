@@ -47,6 +47,7 @@ from bench_file import (
     fsync_path,
     log,
     machine,
+    publish,
     settle,
     small_workload,
 )
@@ -530,10 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         text = report(timed["A"], timed["B"], verified, args, start)
     finally:
         shutil.rmtree(BASE, ignore_errors=True)
-    print(text)
-    if str(args.results) != "-":
-        args.results.write_text(text)
-        log(f"wrote {args.results}")
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from bench_file import (
     hash_only,
     log,
     machine,
+    publish,
     raw_write,
     settle,
     torch_save,
@@ -727,10 +728,7 @@ def main(argv: list[str] | None = None) -> None:
         text = report(bench, samples, memory, profiles, args, start)
     finally:
         fresh(BASE)
-    print(text)
-    if str(args.results) != "-":
-        args.results.write_text(text)
-        log(f"wrote {args.results}")
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

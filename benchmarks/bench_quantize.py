@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_file import Start, log, machine
+from bench_file import Start, log, machine, publish
 from torchvault._report import QuantizationReport
 from torchvault.export import _compare, _quantize, load_quantized, quantize, save_quantized
 
@@ -388,10 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = timings(quantized, args.batches)
     time_all(cases, args.runs, args.warmup, args.repeats)
     text = report(quantized, cases, args, start)
-    print(text)
-    if str(args.results) != "-":
-        args.results.write_text(text)
-        log(f"wrote {args.results}")
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     try:
         tmp, fd = _create_temp(dest)
     except OSError as exc:
-        raise _write_error(dest, exc) from exc
+        raise write_error(dest, exc) from exc
     try:
         with _writer(fd) as handle:
             yield handle
@@ -145,7 +145,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointWriteError):
-            raise _write_error(dest, exc) from exc
+            raise write_error(dest, exc) from exc
         raise
     try:
         fsync_dir(dest.parent)
@@ -184,7 +184,7 @@ def atomic_files(items: Iterable[tuple[Path, Iterable[Any]]]) -> None:
                 handle.flush()
                 _start_writeback(handle.fileno())
         for tmp, where in staged:  # noqa: B007 - `where` names the file in an error
-            _fsync_file(tmp)
+            fsync_file(tmp)
         for tmp, where in staged:
             os.replace(tmp, where)
         for where in sorted({dest.parent for _, dest in staged}):
@@ -194,11 +194,12 @@ def atomic_files(items: Iterable[tuple[Path, Iterable[Any]]]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointWriteError):
-            raise _write_error(where, exc) from exc
+            raise write_error(where, exc) from exc
         raise
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file's data and metadata to the disk."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         os.fsync(fd)
@@ -228,7 +229,7 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _write_error(
+def write_error(
     dest: Path,
     exc: OSError,
     doing: str = "save",
@@ -258,11 +259,11 @@ def remove(path: str | os.PathLike[str]) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise _write_error(target, exc, "delete", "The file is still there.") from exc
+        raise write_error(target, exc, "delete", "The file is still there.") from exc
     try:
         fsync_dir(target.parent)
     except OSError as exc:
-        raise _write_error(target, exc, "delete", "It may reappear after a power loss.") from exc
+        raise write_error(target, exc, "delete", "It may reappear after a power loss.") from exc
 
 
 def make_dirs(path: str | os.PathLike[str]) -> None:
@@ -290,7 +291,7 @@ def make_dirs(path: str | os.PathLike[str]) -> None:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise _write_error(new, exc, "create folder", "Nothing was created.") from exc
+            raise write_error(new, exc, "create folder", "Nothing was created.") from exc
         _sync_entry(new)
 
 
@@ -299,7 +300,7 @@ def _sync_entry(folder: Path) -> None:
     try:
         fsync_dir(folder.parent)
     except OSError as exc:
-        raise _write_error(
+        raise write_error(
             folder, exc, "create folder", "It may vanish after a power loss."
         ) from exc
     _durable_dirs.add(folder)

@@ -39,7 +39,7 @@ def check_destination(dest: Path, example: str) -> None:
         )
     if not dest.parent.is_dir():
         missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-        raise _commit._write_error(dest, missing, "export to")
+        raise _commit.write_error(dest, missing, "export to")
 
 
 def dynamic_shapes(spec: object, inputs: Inputs) -> object:

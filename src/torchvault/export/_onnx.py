@@ -30,7 +30,6 @@ from . import _compare
 
 _EXTRA = 'pip install "torchvault[export]"'
 _SINGLE_FILE_LIMIT = 3 << 29  # 1.5 GiB of weights: torch.onnx's own external-data threshold
-_REPEATS = 20  # latency runs per runtime (after 3 warm-up runs)
 
 
 def export_onnx(
@@ -140,7 +139,7 @@ class _Job:
     staged: Path
 
     def write_error(self, exc: OSError) -> CheckpointWriteError:
-        return _commit._write_error(self.dest, exc, "export to")
+        return _commit.write_error(self.dest, exc, "export to")
 
     def error(self, step: str, doing: str, exc: BaseException, hint: str) -> ExportError:
         """The torchvault error for a failed ``step`` (export, save, check or run)."""
@@ -294,9 +293,9 @@ def _publish(job: _Job, onnx: Any, external: bool) -> int:
             _relink(onnx, job.staged, _data_file(job.dest).name)
         file_bytes = job.file_bytes()
         if external:
-            _commit._fsync_file(_data_file(job.staged))
+            _commit.fsync_file(_data_file(job.staged))
             os.replace(_data_file(job.staged), _data_file(job.dest))
-        _commit._fsync_file(job.staged)
+        _commit.fsync_file(job.staged)
         os.replace(job.staged, job.dest)
     except OSError as exc:
         raise job.write_error(exc) from exc
@@ -348,8 +347,8 @@ def _validate(
         if not diffs.within and not first_miss:
             first_miss = _describe_sample(index, count, extra)
     latencies = (
-        _compare.median_ms(_torch_call(model, inputs), repeats=_REPEATS),
-        _compare.median_ms(lambda: run(inputs), repeats=_REPEATS),
+        _compare.median_ms(_torch_call(model, inputs)),
+        _compare.median_ms(lambda: run(inputs)),
     )
     batch_sizes = tuple(sorted({batch, *extra})) if batch is not None else ()
     report = _report(job, graph, diffs, batch_sizes, latencies)

@@ -66,11 +66,6 @@ from ..legacy._reader import open_mapped
 from . import _compare
 from ._pt2 import build, first_line, rebuild
 
-"""The folder of a run that holds its programs: ``RUN/programs/step-000000001200.pt2``."""
-
-_REPEATS = 20  # latency runs per side (after 3 warm-up runs)
-
-
 # ----------------------------------------------------------------------------- exporting
 
 
@@ -250,8 +245,8 @@ def _validate(
         if not diffs.within and not first_miss:
             first_miss = _sample(index, count, extra)
     latencies = (
-        _compare.median_ms(lambda: model(*inputs), repeats=_REPEATS),
-        _compare.median_ms(lambda: loaded(*inputs), repeats=_REPEATS),
+        _compare.median_ms(lambda: model(*inputs)),
+        _compare.median_ms(lambda: loaded(*inputs)),
     )
     report = _report(job, size, program, diffs, (*batch, *extra), latencies)
     if not diffs.within:

@@ -29,8 +29,6 @@ from ..errors import (
 from ..legacy._reader import Session, read
 from ..legacy._zip import Entry, ZipArchive
 
-"""The folder of a run that holds its programs: ``RUN/programs/step-000000001200.pt2``."""
-
 _MAX_JSON = 1 << 30
 _MODEL = "models/model.json"
 _WEIGHTS = "data/weights/model_weights_config.json"
