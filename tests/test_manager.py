@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import torchvault as tv
-from torchvault import _commit
+from torchvault import _commit, _format
 from torchvault._store import RunStore
 
 
@@ -190,6 +191,44 @@ def test_async_save_snapshots_before_returning(tmp_path: Path) -> None:
     assert torch.equal(restored[0].weight, expected)
 
 
+def test_async_save_hashes_first_only_what_stayed_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = model()
+    run = tmp_path / "run"
+    caller = threading.current_thread()
+    hashed: list[int] = []  # blobs save() hashed on the caller's thread, per save
+    real = _format.hash_bytes
+
+    def counting(data: object) -> str:
+        if hashed and threading.current_thread() is caller:
+            hashed[-1] += 1
+        return real(data)
+
+    monkeypatch.setattr(_format, "hash_bytes", counting)
+
+    def save(mgr: tv.CheckpointManager, step: int) -> None:
+        hashed.append(0)
+        mgr.save(step, model=net)
+        mgr.wait()
+
+    with tv.CheckpointManager(run, async_save=True) as mgr:
+        save(mgr, 1)  # nothing stored yet: everything copied, nothing hashed
+        with torch.no_grad():
+            net[0].weight.add_(1)
+        save(mgr, 2)  # everything hashed: all but the one weight passed by digest
+        after_two = objects(run)
+        save(mgr, 3)  # the weight changed last time: copied unhashed, found unchanged
+        assert objects(run) == after_two
+        hashed.append(0)  # restore's verification is not counted
+        restored = model(6)
+        mgr.restore(3, model=restored)
+    blobs = hashed[1]
+    assert blobs >= 4
+    assert hashed[:3] == [0, blobs, blobs - 1]
+    assert torch.equal(restored[0].weight, net[0].weight)
+
+
 def test_async_failure_is_raised_by_the_next_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,6 +259,28 @@ def test_export_writes_a_standalone_file_of_one_item(tmp_path: Path) -> None:
     everything = tv.load(tmp_path / "all.tv")
     assert isinstance(everything, dict)
     assert everything["epoch"] == 4
+
+
+def test_load_returns_a_checkpoints_state_without_targets(tmp_path: Path) -> None:
+    net = model()
+    with tv.CheckpointManager(tmp_path / "run", monitor="loss") as mgr:
+        with pytest.raises(tv.CheckpointNotFoundError, match="no checkpoint yet"):
+            mgr.load()
+        mgr.save(1, metrics={"loss": 0.5}, model=net, epoch=4)
+        first = net[0].weight.detach().clone()
+        with torch.no_grad():
+            net[0].weight.add_(1)
+        mgr.save(2, metrics={"loss": 0.9}, model=net, epoch=5)
+        everything = mgr.load()
+        best = mgr.load("best", item="model")
+        with pytest.raises(tv.CheckpointNotFoundError, match="no item 'optimizer'"):
+            mgr.load(item="optimizer")
+        with pytest.raises(tv.CheckpointNotFoundError, match="step 7 is not committed"):
+            mgr.load(7)
+    assert everything["epoch"] == 5
+    assert torch.equal(everything["model"]["0.weight"], net[0].weight)
+    assert torch.equal(best["0.weight"], first)
+    assert "rng" not in everything
 
 
 def test_a_damaged_object_is_detected_on_restore(tmp_path: Path) -> None:

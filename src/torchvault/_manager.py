@@ -28,6 +28,7 @@ from ._run import (
     RNG,
     StepRef,
     export,
+    load_items,
     metrics_of,
     no_tensors,
     readable_ref,
@@ -105,6 +106,7 @@ class CheckpointManager:
         self._executor = ThreadPoolExecutor(1, "torchvault-save") if async_save else None
         self._pending: Future[None] | None = None
         self._buffers: list[torch.Tensor] = []
+        self._changed: set[int] = set()  # indices of the blobs the last save found changed
 
     # ------------------------------------------------------------------ saving
 
@@ -173,16 +175,20 @@ class CheckpointManager:
 
         Blobs whose bytes an object of the run already holds (hashed here, straight from
         tensor memory) are passed on by digest alone; the others are copied into reused CPU
-        buffers, so training may change the originals at once.
+        buffers, so training may change the originals at once. Blobs that changed at the
+        previous save (most of them, in ordinary training) are copied without hashing, as is
+        everything when the run has no object yet: the background hashes the copies, and an
+        unchanged copy is simply not written again.
         """
         known = set().union(*(digests for _, digests in self._records.values()))
+        changed = self._changed
         del self._buffers[len(blobs) :]
         staged: list[Blob] = []
         digests: list[str | None] = []
         for i, blob in enumerate(blobs):
             source = flat_bytes(blob.source)
             digest = None
-            if source.device.type == "cpu":
+            if known and i not in changed and source.device.type == "cpu":
                 digest = _format.hash_bytes(_format.byte_view(source))
             if digest in known:
                 staged.append(blob._replace(source=_NOTHING))
@@ -205,7 +211,10 @@ class CheckpointManager:
         numbers: dict[str, float],
         digests: list[str | None] | None = None,
     ) -> None:
+        before = set().union(*(digests for _, digests in self._records.values()))
         stored, new = self._store.put_all(blobs, digests)
+        if before:  # in a run's first checkpoint everything is new, which says nothing
+            self._changed = {i for i, blob in enumerate(stored) if blob.digest not in before}
         manifest["blobs"] = [[b.digest, b.dtype, list(b.shape), b.nbytes] for b in stored]
         manifest["bytes"] = {"total": sum(b.nbytes for b in stored), "new": new}
         try:
@@ -320,6 +329,28 @@ class CheckpointManager:
             sizes = [blob.nbytes for blob in _plan(items)[2]]
             self._pending = self._executor.submit(self._prepare, sizes)
         return report
+
+    def load(
+        self,
+        step: StepRef = "latest",
+        *,
+        item: str | None = None,
+        map_location: MapLocation = None,
+    ) -> Any:
+        """The saved state of a committed checkpoint, verified, without targets to load into.
+
+        Returns a dict of its items (module and optimizer ``state_dict``s, plain values), or
+        the state of one ``item``; tensors are mapped from the run's objects, not copied.
+        Random generator states are not applied (that is :meth:`restore`'s job).
+
+        Raises:
+            CheckpointNotFoundError: the run has no such step, or the step no such item.
+
+        Example:
+            >>> model.load_state_dict(mgr.load("best", item="model"))
+        """
+        self.wait()
+        return load_items(self._store, step, item=item, map_location=map_location)[1]
 
     def export(
         self, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None

@@ -129,22 +129,35 @@ def restore(
     )
 
 
-def export(
-    store: RunStore, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None
-) -> None:
-    """Write checkpoint ``step`` (or one item of it) to a standalone torchvault file."""
+def load_items(
+    store: RunStore,
+    step: StepRef,
+    *,
+    item: str | None = None,
+    map_location: MapLocation = None,
+) -> tuple[int, Any]:
+    """The chosen step and the state of its items (or of one ``item``), every object verified."""
     chosen = resolve(store, step)
     if chosen is None:
-        raise CheckpointNotFoundError(f"{store.root} has no checkpoint to export.", path=store.root)
-    _, state = load_tree(store, chosen)
+        raise CheckpointNotFoundError(f"{store.root} has no checkpoint yet.", path=store.root)
+    _, state = load_tree(store, chosen, map_location)
     items = state[ITEMS]
-    if item is not None and item not in items:
+    if item is None:
+        return chosen, items
+    if item not in items:
         raise CheckpointNotFoundError(
             f"step {chosen} of {store.root} has no item {item!r}; its items: {sorted(items)}.",
             path=store.root,
         )
-    metadata = {"run": str(store.root), "step": str(chosen)}
-    save(items[item] if item is not None else items, path, metadata=metadata)
+    return chosen, items[item]
+
+
+def export(
+    store: RunStore, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None
+) -> None:
+    """Write checkpoint ``step`` (or one item of it) to a standalone torchvault file."""
+    chosen, state = load_items(store, step, item=item)
+    save(state, path, metadata={"run": str(store.root), "step": str(chosen)})
 
 
 def summarize(store: RunStore) -> list[CheckpointSummary]:
