@@ -392,16 +392,27 @@ def time_cases(
     return results
 
 
-SETTLE = {"seconds": 0.0}  # --settle
+SETTLE = {"seconds": 0.0, "prefault_bytes": 0}  # --settle, --prefault (bench_manager.py)
 
 
 def settle() -> None:
-    """With --settle S: flush everything and pause S seconds before each measurement, so it
-    starts on an idle disk. Off by default: on the reference VM it changed which saves were
-    slow rather than removing the noise (see RESULTS.md)."""
+    """Run before each measurement (untimed).
+
+    With --settle S: flush everything and pause S seconds, so it starts on an idle disk. Off
+    by default: on the reference VM it changed which saves were slow rather than removing
+    the noise (see RESULTS.md).
+
+    With a prefault size: allocate, touch and free that much memory, so the page cache the
+    measurement writes into gets pages the hypervisor still backs. On the reference VM
+    (Firecracker) memory left free for a few seconds goes back to the host, and touching it
+    again costs ~1.5 s/GiB instead of ~0.2 s/GiB; a save that lands on such pages looks like
+    a disk five times slower, whichever library made it.
+    """
     if SETTLE["seconds"] > 0:
         os.sync()
         time.sleep(SETTLE["seconds"])
+    if SETTLE["prefault_bytes"] > 0:
+        torch.empty(int(SETTLE["prefault_bytes"]), dtype=torch.uint8).fill_(1)
 
 
 def log(message: str) -> None:

@@ -283,6 +283,59 @@ def test_load_returns_a_checkpoints_state_without_targets(tmp_path: Path) -> Non
     assert "rng" not in everything
 
 
+def test_equal_tensors_come_back_in_separate_memory(tmp_path: Path) -> None:
+    """One object holds both (deduplicated), but the loaded tensors must not alias: an
+    optimizer's per-parameter ``step`` counters are equal and updated in place."""
+    net = model()
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    with tv.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, model=net, optimizer=opt, pair=[torch.zeros(64), torch.zeros(64)])
+        state = mgr.load()
+        restored = torch.optim.AdamW(net.parameters())
+        mgr.restore(model=net, optimizer=restored, strict=False)
+    first, second = state["pair"]
+    first.add_(1)
+    assert torch.equal(second, torch.zeros(64))
+    steps = [s["step"] for s in restored.state_dict()["state"].values()]
+    steps[0].add_(1)
+    assert [float(s) for s in steps] == [2.0] + [1.0] * (len(steps) - 1)
+
+
+def test_threaded_hashing_matches_and_still_catches_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large states hash on worker threads (saves pipeline it with writes, loads verify in
+    parallel); force that path on a small state."""
+    tensors = [torch.randn(1000) for _ in range(9)]
+    views = [_format.byte_view(t) for t in tensors]
+    inline = [_format.hash_bytes(v) for v in views]
+    monkeypatch.setattr(_format, "_PIPELINE_BYTES", 0)
+    assert _format.hash_all(views) == inline
+    assert [digest for _, digest in _format.hashed_views(tensors)] == inline
+    net = model()
+    run = tmp_path / "run"
+    with tv.CheckpointManager(run) as mgr:
+        mgr.save(1, model=net)
+        restored = model(3)
+        mgr.restore(model=restored)
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.parameters(), restored.parameters(), strict=True)
+    )
+    tv.save(net, tmp_path / "net.tv")
+    assert tv.load_into(model(4), tmp_path / "net.tv").ok
+    victim = max((run / "objects").iterdir(), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[3] ^= 1
+    victim.write_bytes(bytes(raw))
+    with (
+        tv.CheckpointManager(run) as mgr,
+        pytest.raises(tv.CorruptCheckpointError, match="checksum"),
+    ):
+        mgr.restore(model=model())
+
+
 def test_a_damaged_object_is_detected_on_restore(tmp_path: Path) -> None:
     run = tmp_path / "run"
     with tv.CheckpointManager(run) as mgr:

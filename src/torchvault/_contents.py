@@ -84,23 +84,24 @@ class Contents:
         if not self.checksums:
             return 0
         view = memoryview(mapping)
-        checked = 0
-        width = _format.HASH_HEX
+        parts = [view[entry.start : entry.end] for entry in self.header.entries]
         try:
-            for i, entry in enumerate(self.header.entries):
-                expected = self.checksums[i * width : (i + 1) * width]
-                if _format.hash_bytes(view[entry.start : entry.end]) != expected:
-                    raise CorruptCheckpointError(
-                        f"{self.path}: tensor `{entry.name}` does not match its checksum: its "
-                        f"{entry.nbytes} bytes changed after it was written (bit rot, a bad "
-                        "copy or tampering). Restore the file from a good copy.",
-                        path=self.path,
-                        key=entry.name,
-                    )
-                checked += entry.nbytes
+            digests = _format.hash_all(parts)
         finally:
+            for part in parts:
+                part.release()
             view.release()
-        return checked
+        width = _format.HASH_HEX
+        for i, (entry, digest) in enumerate(zip(self.header.entries, digests, strict=True)):
+            if digest != self.checksums[i * width : (i + 1) * width]:
+                raise CorruptCheckpointError(
+                    f"{self.path}: tensor `{entry.name}` does not match its checksum: its "
+                    f"{entry.nbytes} bytes changed after it was written (bit rot, a bad "
+                    "copy or tampering). Restore the file from a good copy.",
+                    path=self.path,
+                    key=entry.name,
+                )
+        return sum(entry.nbytes for entry in self.header.entries)
 
 
 def open_file(path: str | os.PathLike[str]) -> tuple[Contents, mmap.mmap]:

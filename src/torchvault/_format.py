@@ -19,11 +19,13 @@ no gaps, no overlap, no trailing bytes) before any tensor is touched.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
@@ -42,6 +44,7 @@ MAX_TENSORS = 300_000
 MAX_DIMS = 64
 DATA_ALIGNMENT = 64
 CHUNK = 16 << 20
+_PIPELINE_BYTES = 32 << 20  # from here on hashing runs on worker threads
 
 META = "__metadata__"
 INTEGRITY = "torchvault.integrity"
@@ -85,6 +88,43 @@ def hash_bytes(data: Any) -> str:
     """The checksum torchvault stores: xxh3-128 as 32 lowercase hex digits."""
     digest: str = xxhash.xxh3_128_hexdigest(data)
     return digest
+
+
+def hash_all(buffers: Sequence[memoryview]) -> list[str]:
+    """:func:`hash_bytes` of each buffer, on two threads when there is much to hash."""
+    if sum(buffer.nbytes for buffer in buffers) < _PIPELINE_BYTES:
+        return [hash_bytes(buffer) for buffer in buffers]
+    with ThreadPoolExecutor(2, "torchvault-hash") as pool:
+        return list(pool.map(hash_bytes, buffers))
+
+
+def hashed_views(
+    sources: Sequence[torch.Tensor],
+) -> Generator[tuple[memoryview, str], None, None]:
+    """Each tensor's bytes (:func:`byte_view`) and their checksum, in order.
+
+    For large inputs two worker threads work up to four tensors ahead (xxhash releases the
+    GIL): hashing runs on both cores and overlaps whatever the caller does with the current
+    tensor, a save's write of it. Close the generator (or exhaust it) to stop the workers.
+    """
+    if sum(source.nbytes for source in sources) < _PIPELINE_BYTES:
+        for source in sources:
+            view = byte_view(source)
+            yield view, hash_bytes(view)
+        return
+
+    def work(source: torch.Tensor) -> tuple[memoryview, str]:
+        view = byte_view(source)
+        return view, hash_bytes(view)
+
+    with ThreadPoolExecutor(2, "torchvault-hash") as pool:
+        pending: collections.deque[Future[tuple[memoryview, str]]] = collections.deque()
+        for source in sources:
+            pending.append(pool.submit(work, source))
+            if len(pending) > 4:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # ----------------------------------------------------------------------------- reading

@@ -12,6 +12,7 @@ import torch
 
 from . import _rng, _tree
 from ._file import _gc_paused, save
+from ._format import Entry
 from ._load_into import load_into
 from ._report import CheckpointSummary, LoadReport, ResumeReport
 from ._store import RunStore, blobs_of
@@ -51,19 +52,23 @@ def load_tree(
     manifest = store.manifest(step)
     path = str(store.manifest_path(step))
     blobs = blobs_of(manifest, path)
-    by_digest = {b.digest: b for b in blobs}
     entries = manifest.get("tensors")
     if not isinstance(entries, list):
         raise CorruptCheckpointError(f"{path}: its tensor table is missing.", path=path)
-    table = TensorTable(
-        entries,
-        tuple(b.entry() for b in blobs),
-        lambda entry: store.map_object(by_digest[entry.name]),
-        path,
-        map_location,
-    )
     with _gc_paused():
         try:
+            mapped = store.map_objects(blobs)
+            by_digest = {blob.digest: blob for blob in blobs}
+
+            def fetch(entry: Entry) -> torch.Tensor:
+                """Each blob its own memory: equal bytes saved twice must not come back as
+                one tensor (two optimizer ``step`` counters, say)."""
+                tensor = mapped.pop(entry.name, None)
+                if tensor is None:
+                    return store.map_objects([by_digest[entry.name]])[entry.name]
+                return tensor
+
+            table = TensorTable(entries, tuple(b.entry() for b in blobs), fetch, path, map_location)
             state = _tree.decode(manifest.get("tree"), table.get)
         except CorruptCheckpointError as exc:
             raise CorruptCheckpointError(f"{path}: {exc.message}", path=path, key=exc.key) from exc
