@@ -107,16 +107,14 @@ def hashed_views(
     GIL): hashing runs on both cores and overlaps whatever the caller does with the current
     tensor, a save's write of it. Close the generator (or exhaust it) to stop the workers.
     """
-    if sum(source.nbytes for source in sources) < _PIPELINE_BYTES:
-        for source in sources:
-            view = byte_view(source)
-            yield view, hash_bytes(view)
-        return
 
     def work(source: torch.Tensor) -> tuple[memoryview, str]:
         view = byte_view(source)
         return view, hash_bytes(view)
 
+    if sum(source.nbytes for source in sources) < _PIPELINE_BYTES:
+        yield from map(work, sources)
+        return
     with ThreadPoolExecutor(2, "torchvault-hash") as pool:
         pending: collections.deque[Future[tuple[memoryview, str]]] = collections.deque()
         for source in sources:

@@ -180,7 +180,7 @@ class CheckpointManager:
         everything when the run has no object yet: the background hashes the copies, and an
         unchanged copy is simply not written again.
         """
-        known = set().union(*(digests for _, digests in self._records.values()))
+        known = self._digests()
         changed = self._changed
         del self._buffers[len(blobs) :]
         staged: list[Blob] = []
@@ -211,7 +211,7 @@ class CheckpointManager:
         numbers: dict[str, float],
         digests: list[str | None] | None = None,
     ) -> None:
-        before = set().union(*(digests for _, digests in self._records.values()))
+        before = self._digests()
         stored, new = self._store.put_all(blobs, digests)
         if before:  # in a run's first checkpoint everything is new, which says nothing
             self._changed = {i for i, blob in enumerate(stored) if blob.digest not in before}
@@ -264,7 +264,7 @@ class CheckpointManager:
         for step in doomed:
             self._store.delete(step)
             del self._records[step]
-        self._store.collect_garbage(set().union(*(d for _, d in self._records.values())))
+        self._store.collect_garbage(self._digests())
         return doomed
 
     # ------------------------------------------------------------------ reading
@@ -401,6 +401,10 @@ class CheckpointManager:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    def _digests(self) -> set[str]:
+        """The objects the committed checkpoints refer to."""
+        return set().union(*(digests for _, digests in self._records.values()))
 
     def _record(self, step: int) -> tuple[dict[str, float], set[str]]:
         manifest = self._store.manifest(step)
