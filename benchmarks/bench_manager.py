@@ -60,6 +60,7 @@ BASE = WORK / "manager"  # everything this script writes on the disk; deleted at
 RAM = Path("/dev/shm/torchvault-bench-manager")  # the same on tmpfs, when there is one
 COUNT = 64  # tensors in the state
 CHANGED_FRACTION = 0.10  # share of the tensors changed between step 0 and step 1
+READ_REPEAT = 5  # back-to-back calls per round of the in-memory and read measurements
 
 Figures = dict[str, float]
 Samples = dict[str, list[float]]
@@ -143,14 +144,17 @@ def object_bytes(run: Path) -> int:
     return total
 
 
-def timed(fn: Callable[[], object]) -> float:
-    """Seconds ``fn`` takes (its result is freed after the clock stops)."""
-    gc.collect()
-    start = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - start
-    del result
-    return elapsed
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    """Seconds ``fn`` takes (its result is freed after the clock stops); with ``repeat``, the
+    median of that many back-to-back calls (for the reads, which take tens of ms)."""
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+        del result
+    return statistics.median(times)
 
 
 def save_and_wait(mgr: tv.CheckpointManager, step: int, model: State) -> tuple[float, float]:
@@ -210,6 +214,7 @@ def measure_async(bench: Bench) -> Figures:
         mgr.restore(model=bench.model)  # the documented loop: restore() first, on a fresh run
         mgr.wait()  # stands for the first training steps, which overlap the buffer preparation
         after_restore, _ = save_and_wait(mgr, 0, bench.model)
+        settle()  # the saves so far took --prefault's worth of fresh page cache
         for step in (1, 2):  # ordinary training: every tensor changes between saves
             bench.train_step()
             training, training_e2e = save_and_wait(mgr, step, bench.model)
@@ -254,31 +259,33 @@ def file_save(
 
 def measure_hash(bench: Bench) -> Figures:
     sd = bench.model.state_dict()
-    return {"hash": timed(lambda: hash_only(sd, BASE))}
+    return {"hash": timed(lambda: hash_only(sd, BASE), READ_REPEAT)}
 
 
 def measure_copy(bench: Bench) -> Figures:
     """The floor of staging and of restoring: ``copy_`` of every tensor into another."""
     pairs = list(zip(bench.target.named().values(), bench.model.named().values(), strict=True))
-    return {"copy": timed(lambda: [dst.copy_(src) for dst, src in pairs])}
+    return {"copy": timed(lambda: [dst.copy_(src) for dst, src in pairs], READ_REPEAT)}
 
 
 def measure_restore(bench: Bench) -> Figures:
     with tv.CheckpointManager(run_dir("restore-run")) as mgr:
-        return {"restore": timed(lambda: mgr.restore(1, model=bench.target))}
+        return {"restore": timed(lambda: mgr.restore(1, model=bench.target), READ_REPEAT)}
 
 
 def measure_load(_: Bench) -> Figures:
     with tv.CheckpointManager(run_dir("restore-run")) as mgr:
-        return {"mgr_load": timed(lambda: mgr.load(1))}
+        return {"mgr_load": timed(lambda: mgr.load(1), READ_REPEAT)}
 
 
 def measure_tv_load(_: Bench) -> Figures:
-    return {"tv_load": timed(lambda: tv.load(BASE / "restore.tv"))}
+    return {"tv_load": timed(lambda: tv.load(BASE / "restore.tv"), READ_REPEAT)}
 
 
 def measure_tv_load_into(bench: Bench) -> Figures:
-    return {"tv_load_into": timed(lambda: tv.load_into(bench.target, BASE / "restore.tv"))}
+    return {
+        "tv_load_into": timed(lambda: tv.load_into(bench.target, BASE / "restore.tv"), READ_REPEAT)
+    }
 
 
 MEASUREMENTS: list[Callable[[Bench], Figures]] = [  # pairs compared in a ratio sit together
@@ -744,6 +751,9 @@ def notes(
         "here: 8 GiB of fresh tensors, 1.0-1.6 s per GiB after the first); a save whose page "
         "cache lands on them runs at ~0.35-0.65 GB/s, as if the disk were that slow, whichever "
         "library writes. Touched just before, the measurement's writes get backed pages.",
+        f"- Rows without I/O to the disk (hashing, copy_, loads and restores from the warm page "
+        f"cache) take tens of ms: each round's figure is the median of {READ_REPEAT} "
+        "back-to-back calls.",
         "- Peak memory: measured once per operation after the timings, in this process; the "
         "async figure includes the staging buffers, which the manager keeps between saves.",
     ]

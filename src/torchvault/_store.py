@@ -238,13 +238,16 @@ class RunStore:
         unique = list({blob.digest: blob for blob in blobs}.values())
         views = []
         for blob in unique:
-            where = self.storage.describe(_object(blob.digest))
             try:
                 view = self.storage.map(_object(blob.digest))
             except FileNotFoundError as exc:
+                where = self.storage.describe(_object(blob.digest))
                 raise CheckpointNotFoundError(f"{where} is missing.", path=where) from exc
             if len(view) != blob.nbytes:
-                raise _corrupt(where, f"the object is {len(view)} bytes, not {blob.nbytes}")
+                raise _corrupt(
+                    self.storage.describe(_object(blob.digest)),
+                    f"the object is {len(view)} bytes, not {blob.nbytes}",
+                )
             views.append(view)
         for blob, digest in zip(unique, _format.hash_all(views), strict=True):
             if digest != blob.digest:

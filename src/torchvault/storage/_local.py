@@ -52,10 +52,13 @@ class LocalStorage:
         return data
 
     def map(self, name: str) -> memoryview:
-        with open(self._path(name), "rb") as handle:
-            if os.fstat(handle.fileno()).st_size == 0:
+        fd = os.open(self._path(name), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if os.fstat(fd).st_size == 0:
                 return memoryview(bytearray())
-            return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY))
+            return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY))
+        finally:
+            os.close(fd)
 
     def size(self, name: str) -> int | None:
         try:
