@@ -392,7 +392,7 @@ def time_cases(
     return results
 
 
-SETTLE = {"seconds": 0.0, "prefault_bytes": 0}  # --settle, --prefault (bench_manager.py)
+SETTLE = {"seconds": 0.0, "prefault_bytes": 0}  # --settle, --prefault
 
 
 def settle() -> None:
@@ -748,7 +748,10 @@ def report(big: list[Result], small: list[Result], args: argparse.Namespace, sta
         *machine(start),
         f"- Command: `{command_line()}` (from the repository root)",
         f"- Each figure: median of {args.runs} runs (after {args.warmup} warm-up round), "
-        "round-robin over the measurements; warm page cache (nothing dropped); no settling between measurements unless --settle is given. "
+        "round-robin over the measurements; warm page cache (nothing dropped); no settling between measurements unless --settle is given; "
+        f"{args.prefault:g} x workload A's size of memory touched and freed before each measurement (--prefault: this VM hands memory "
+        "left free for a few seconds back to its host, and a save whose page cache lands on such pages runs several times slower, "
+        "whichever library writes; see benchmarks/README.md). "
         "Peak memory: one run per measurement in a fresh subprocess, RssAnon sampled every 1 ms.",
         "",
         f"## Workload A: {big[0].workload.describe()}",
@@ -793,6 +796,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="os.sync() and pause this long before each measurement",
     )
+    parser.add_argument(
+        "--prefault",
+        type=float,
+        default=3.0,
+        help="touch and free this many times workload A's size of memory before each "
+        "measurement (0: off; see settle())",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--size-mib", type=int, default=1024, help="workload A size (MiB)")
     parser.add_argument("--tensor-mib", type=int, default=16, help="workload A tensor size")
@@ -807,6 +817,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     SETTLE["seconds"] = args.settle
+    SETTLE["prefault_bytes"] = int(args.prefault * args.size_mib * MIB)
     return args
 
 
