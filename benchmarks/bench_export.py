@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_file import WORK, Start, log, machine, publish
+from bench_file import WORK, Start, bench_parser, log, machine, parse_bench_args, publish
 from torchvault import export_onnx
 
 HERE = Path(__file__).resolve().parent
@@ -277,9 +277,7 @@ def report(sections: list[list[str]], args: argparse.Namespace, start: Start) ->
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser = bench_parser(__doc__, HERE / "RESULTS-export.md", runs=7)
     parser.add_argument("--calls", type=int, default=100, help="calls per timed run")
     parser.add_argument("--batch", type=int, default=32, help="batch size of the inputs")
     parser.add_argument(
@@ -288,13 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="intra-op threads of both PyTorch and ONNX Runtime (0: each library's default)",
     )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=HERE / "RESULTS-export.md",
-        help="markdown report to (over)write; '-' for none",
-    )
-    return parser.parse_args(argv)
+    return parse_bench_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

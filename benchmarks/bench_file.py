@@ -787,38 +787,55 @@ def publish(text: str, results: Path) -> None:
         log(f"wrote {results}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
-    parser.add_argument(
-        "--settle",
-        type=float,
-        default=0.0,
-        help="os.sync() and pause this long before each measurement",
-    )
-    parser.add_argument(
-        "--prefault",
-        type=float,
-        default=3.0,
-        help="touch and free this many times workload A's size of memory before each "
-        "measurement (0: off; see settle())",
-    )
+def bench_parser(
+    doc: str, results: Path, *, runs: int = 5, prefault: float | None = None
+) -> argparse.ArgumentParser:
+    """The options every benchmark script shares. Scripts that time disk I/O pass their
+    ``prefault`` default and get ``--settle`` and ``--prefault`` too (see :func:`settle`);
+    they must also define ``--size-mib``, the size ``--prefault`` multiplies."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=runs, help="timed runs per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=results,
+        help="markdown report to (over)write; '-' for none",
+    )
+    if prefault is not None:
+        parser.add_argument(
+            "--settle",
+            type=float,
+            default=0.0,
+            help="os.sync() and pause this long before each measurement",
+        )
+        parser.add_argument(
+            "--prefault",
+            type=float,
+            default=prefault,
+            help="touch and free this many times --size-mib of memory before each "
+            "measurement (0: off; see bench_file.settle)",
+        )
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, then apply --settle and --prefault (when the parser has them)."""
+    args = parser.parse_args(argv)
+    if hasattr(args, "settle"):
+        SETTLE["seconds"] = args.settle
+        SETTLE["prefault_bytes"] = int(args.prefault * args.size_mib * MIB)
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = bench_parser(__doc__, HERE / "RESULTS.md", prefault=3.0)
     parser.add_argument("--size-mib", type=int, default=1024, help="workload A size (MiB)")
     parser.add_argument("--tensor-mib", type=int, default=16, help="workload A tensor size")
     parser.add_argument("--small-count", type=int, default=20_000, help="workload B tensors")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=HERE / "RESULTS.md",
-        help="markdown report to (over)write; '-' for none",
-    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    SETTLE["seconds"] = args.settle
-    SETTLE["prefault_bytes"] = int(args.prefault * args.size_mib * MIB)
-    return args
+    return parse_bench_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,14 +39,15 @@ import torch
 import torchvault as tv
 from bench_file import (
     MIB,
-    SETTLE,
     WORK,
     AnonSampler,
     Start,
     Workload,
+    bench_parser,
     fsync_path,
     log,
     machine,
+    parse_bench_args,
     publish,
     settle,
     small_workload,
@@ -481,15 +482,7 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument(
-        "--settle",
-        type=float,
-        default=0.0,
-        help="os.sync() and pause this long before each measurement",
-    )
+    parser = bench_parser(__doc__, HERE / "RESULTS-legacy.md", prefault=0.0)
     parser.add_argument(
         "--size-mib", type=int, default=1024, help="workload A size (MiB, 64 tensors)"
     )
@@ -497,17 +490,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--small-count", type=int, default=20_000, help="workload B tensors (1 KiB each)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=HERE / "RESULTS-legacy.md",
-        help="markdown report to (over)write; '-' for none",
-    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=("A", "B"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    SETTLE["seconds"] = args.settle
-    return args
+    return parse_bench_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,14 +39,15 @@ import torch
 import torchvault as tv
 from bench_file import (
     MIB,
-    SETTLE,
     WORK,
     AnonSampler,
     Start,
     Workload,
+    bench_parser,
     hash_only,
     log,
     machine,
+    parse_bench_args,
     publish,
     raw_write,
     settle,
@@ -833,38 +834,14 @@ def run_profiles(bench: Bench, samples: Samples) -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
-    parser.add_argument(
-        "--settle",
-        type=float,
-        default=0.0,
-        help="os.sync() and pause this long before each measurement",
-    )
-    parser.add_argument(
-        "--prefault",
-        type=float,
-        default=4.0,
-        help="touch and free this many times the state's size before each measurement "
-        "(0: off; see bench_file.settle)",
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser = bench_parser(__doc__, HERE / "RESULTS-manager.md", prefault=4.0)
     parser.add_argument("--size-mib", type=int, default=1024, help="state size (64 tensors)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument(
         "--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)"
     )
     parser.add_argument("--no-profile", action="store_true", help="skip cProfile of misses")
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=HERE / "RESULTS-manager.md",
-        help="markdown report to (over)write; '-' for none",
-    )
-    args = parser.parse_args(argv)
-    SETTLE["seconds"] = args.settle
-    SETTLE["prefault_bytes"] = int(args.prefault * args.size_mib * MIB)
-    return args
+    return parse_bench_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_file import Start, log, machine, publish
+from bench_file import Start, bench_parser, log, machine, parse_bench_args, publish
 from torchvault._report import QuantizationReport
 from torchvault.export import _compare, _quantize, load_quantized, quantize, save_quantized
 
@@ -362,9 +362,7 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser = bench_parser(__doc__, HERE / "RESULTS-quantize.md")
     parser.add_argument("--repeats", type=int, default=20, help="forward calls per run")
     parser.add_argument(
         "--batches",
@@ -372,13 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[1, 32],
         help="batch sizes timed, comma-separated; the first is also the accuracy input",
     )
-    parser.add_argument(
-        "--results",
-        type=Path,
-        default=HERE / "RESULTS-quantize.md",
-        help="markdown report to (over)write; '-' for none",
-    )
-    return parser.parse_args(argv)
+    return parse_bench_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
