@@ -16,14 +16,26 @@ The encoding is the compatibility contract, so it is spelled out here:
     {"dtype": "bfloat16"}  {"device": "cuda:1"}  {"size": [2, 3]}
     {"npscalar": ["<f4", "<hex of the bytes>"]}
     {"tensor": 3}                                  entry 3 of the tensor table
+    {"set": [...]}  {"frozenset": [...]}           members sorted by their compact JSON
+    {"namespace": {"lr": 0.1, ...}}                argparse.Namespace, its attributes
+    {"generator": ["cuda:0", {"tensor": 4}]}       torch.Generator: its device and its
+                                                   ``get_state()`` bytes (a uint8 tensor
+                                                   stored from that device)
+
+Set members hold no tensors (a tensor hashes by identity, so it has no stable place in a
+set); decoding checks that every member is hashable and that none repeats. A generator's
+state is a table entry so that ``map_location`` moves it as it moves tensors (``cuda:1`` to
+``cuda:0``); its device type cannot change, since CPU and CUDA states differ in form.
 
 Decoding never imports, evaluates or constructs anything outside this list.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
+import json
 import math
 import re
 from collections import OrderedDict
@@ -85,7 +97,36 @@ def encode(obj: object, sink: TensorSink, path: str = "", depth: int = 0) -> Jso
         }
     if kind is torch.Tensor or kind is torch.nn.Parameter or kind is np.ndarray:
         return {"tensor": sink(cast("torch.Tensor", obj), path)}
+    if kind is set or kind is frozenset:
+        return {kind.__name__: _encode_members(cast("set[object]", obj), path, depth)}
+    if kind is argparse.Namespace:
+        names: dict[str, object] = vars(obj)
+        return {
+            "namespace": {k: encode(v, sink, join(path, k), depth + 1) for k, v in names.items()}
+        }
+    if kind is torch.Generator:
+        gen = cast(torch.Generator, obj)
+        state = gen.get_state().to(gen.device)  # stored "from" its device: map_location applies
+        return {"generator": [str(gen.device), {"tensor": sink(state, path)}]}
     return _encode_scalar(obj, path)
+
+
+def _encode_members(members: set[object], path: str, depth: int) -> list[Json]:
+    def refuse(_: object, where: str) -> int:
+        raise UnsupportedTypeError(
+            f"`{where}` is a tensor or array inside a set, whose order torchvault cannot "
+            "keep stable (tensors hash by identity); store them in a list instead.",
+            key=where,
+        )
+
+    nodes = [encode(member, refuse, path, depth + 1) for member in members]
+    # Sets iterate in hash order, which varies between processes for strings: sorting by
+    # the encoded form makes the same set always write the same bytes.
+    return sorted(nodes, key=_canonical)
+
+
+def _canonical(node: Json) -> str:
+    return json.dumps(node, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _encode_dict(obj: dict[object, object], sink: TensorSink, path: str, depth: int) -> Json:
@@ -136,7 +177,10 @@ def _unsupported_message(obj: object, path: str) -> str:
     elif isinstance(obj, dict | list | tuple | int | float | str):
         hint = f"convert it to a plain {type(obj).__mro__[-2].__name__} first"
     else:
-        hint = "convert it to a dict, list, tuple, number, string, bytes or tensor"
+        hint = (
+            "convert it to a dict, list, tuple, set, number, string, bytes, tensor, "
+            "argparse.Namespace or torch.Generator"
+        )
     return (
         f"{where} is a {name}, which torchvault does not store: the format is pickle-free "
         f"and only holds plain data. To fix: {hint}."
@@ -174,6 +218,12 @@ def decode(node: Json, source: TensorSource, path: str = "", depth: int = 0) -> 
         if not isinstance(payload, int) or isinstance(payload, bool):
             raise _corrupt(path, "a tensor reference that is not an integer")
         return source(payload)
+    if tag in ("set", "frozenset"):
+        return _decode_set(tag, payload, path, depth)
+    if tag == "namespace":
+        return _decode_namespace(payload, source, path, depth)
+    if tag == "generator":
+        return _decode_generator(payload, source, path)
     decoder = _SCALARS.get(tag)
     if decoder is None:
         raise _corrupt(path, f"an unknown tag {tag!r}")
@@ -203,6 +253,70 @@ def _decode_dict(tag: str, payload: Json, source: TensorSource, path: str, depth
             raise _corrupt(path, f"the dict key {key!r} twice")
         out[key] = decode(pair[1], source, join(path, key), depth + 1)
     return out
+
+
+def _decode_set(tag: str, payload: Json, path: str, depth: int) -> object:
+    if not isinstance(payload, list):
+        raise _corrupt(path, f"a {tag} whose payload is not an array")
+
+    def no_tensors(_: int) -> object:
+        raise _corrupt(path, f"a tensor inside a {tag}")
+
+    members = [decode(node, no_tensors, path, depth + 1) for node in payload]
+    try:
+        out = set(members) if tag == "set" else frozenset(members)
+    except TypeError as exc:
+        raise _corrupt(path, f"an unhashable {tag} member ({exc})") from exc
+    if len(out) != len(members):
+        raise _corrupt(path, f"a {tag} that holds a member twice")
+    return out
+
+
+def _decode_namespace(payload: Json, source: TensorSource, path: str, depth: int) -> object:
+    if not isinstance(payload, dict):
+        raise _corrupt(path, "a namespace whose payload is not an object")
+    attributes = {k: decode(v, source, join(path, k), depth + 1) for k, v in payload.items()}
+    try:
+        return argparse.Namespace(**attributes)
+    except (TypeError, AttributeError) as exc:  # setattr refuses __class__, __dict__, ...
+        raise _corrupt(path, f"a namespace attribute argparse refuses ({exc})") from exc
+
+
+def _decode_generator(payload: Json, source: TensorSource, path: str) -> object:
+    if (
+        not isinstance(payload, list)
+        or len(payload) != 2
+        or not isinstance(payload[0], str)
+        or not _DEVICE_RE.fullmatch(payload[0])
+        or not isinstance(payload[1], dict)
+        or payload[1].keys() != {"tensor"}
+    ):
+        raise _corrupt(path, "a generator that is not a [device, tensor] pair")
+    state = decode(payload[1], source, path)
+    if not isinstance(state, torch.Tensor):
+        if isinstance(state, np.ndarray):
+            raise _corrupt(path, "a generator whose state is a numpy array")
+        return state  # a caller that only describes tensors (inspect) gets its reference back
+    saved = torch.device(payload[0])
+    if state.device.type != saved.type:
+        raise ValueError(
+            f"`map_location` puts the {saved.type} generator at `{path}` on {state.device}; "
+            f"a {saved.type} generator's state has no {state.device.type} form. Map "
+            f"{saved.type} devices to {saved.type} devices (map_location=None keeps each "
+            "where it was saved)."
+        )
+    if state.dtype != torch.uint8 or state.dim() != 1:
+        raise _corrupt(path, "a generator whose state is not a 1-D uint8 tensor")
+    try:
+        generator = torch.Generator(device=state.device)
+        generator.set_state(state.cpu())
+    except RuntimeError as exc:
+        raise _corrupt(path, f"a generator state that torch refuses ({_first_line(exc)})") from exc
+    return generator
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
 def _corrupt(path: str, what: str) -> CorruptCheckpointError:
