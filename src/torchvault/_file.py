@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
 import os
 import platform
 from collections.abc import Iterator, Mapping
+from typing import BinaryIO, cast
 
 import numpy as np
 import torch
 
-from . import _format, _stored, _tree
+from . import _format, _source, _stored, _tree
 from ._commit import atomic_file
 from ._contents import (
     CREATED,
@@ -31,11 +33,12 @@ from ._version import __version__
 from .errors import UnsupportedTypeError
 
 PathLike = str | os.PathLike[str]
+Source = _source.Readable
 
 
 def save(
     obj: object,
-    path: PathLike,
+    path: PathLike | BinaryIO,
     *,
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
@@ -48,10 +51,16 @@ def save(
 
     Args:
         obj: an ``nn.Module`` (its ``state_dict()`` is saved), a state dict, or any nesting of
-            dict, OrderedDict, list, tuple, str, bytes, bool, None, int, float, complex,
-            torch dtype/device/Size, numpy arrays and scalars, and tensors.
-        path: the destination file. It is replaced atomically: a crash leaves the old file
-            or the new one, never a partial one.
+            dict, OrderedDict, list, tuple, set, frozenset, str, bytes, bytearray, bool, None,
+            int, float, complex, torch dtype/device/Size, numpy arrays and scalars, tensors,
+            ``argparse.Namespace`` and ``torch.Generator`` (its device and state; loaded as a
+            new generator).
+        path: the destination file. It is replaced atomically and durably: a crash leaves
+            the old file or the new one, never a partial one. Or a seekable binary file
+            object (``io.BytesIO()``, ``open(..., "wb")``): the file is written from its
+            current position, which is left after the last byte written, as ``torch.save``
+            does; it is flushed but neither atomic nor synced to disk, which only a path
+            allows.
         metadata: strings to store with the file (keys must not start with ``torchvault.``).
         dtype: ``torch.bfloat16`` or ``torch.float16`` to store float32/float64 tensors in
             half precision (half the bytes); the original dtypes are recorded, and
@@ -68,10 +77,15 @@ def save(
     Raises:
         UnsupportedTypeError: a value the format cannot hold, naming its path in the tree.
         CheckpointWriteError: the disk refused the write; the old file is intact.
+        TypeError: ``path`` is neither a path nor a binary file object, or is in text mode.
+        ValueError: ``path`` is a file object that is closed, read-only or cannot seek.
 
     Example:
         >>> tv.save(model, "model.tv", metadata={"run": "exp1"})
+        >>> buffer = io.BytesIO(); tv.save(model, buffer)
     """
+    if not _source.is_path(path):
+        _source.check_writable(path, "path")
     state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     with _gc_paused():
         plan = TensorPlan()
@@ -81,13 +95,26 @@ def save(
         blobs = plan.finish()
         members = _members(tree, plan, len(blobs), metadata) | storing.member()
         header = _format.build_header(blobs, members)
-    with atomic_file(path) as handle:
-        handle.seek(8 + len(header))
-        checksums = _format.write_blobs(handle, blobs)
-        handle.seek(0)
-        handle.write(_format.seal_header(header, checksums))
-        size = handle.seek(0, os.SEEK_END)
-    return SaveReport(os.fspath(path), size, count, tuple(storing.report))
+    if not _source.is_path(path):
+        size = _write(cast(BinaryIO, path), header, blobs)
+        return SaveReport(_source.display_name(path), size, count, tuple(storing.report))
+    with atomic_file(cast(PathLike, path)) as handle:
+        size = _write(handle, header, blobs)
+    return SaveReport(os.fspath(cast(PathLike, path)), size, count, tuple(storing.report))
+
+
+def _write(handle: BinaryIO, header: bytes, blobs: list[_format.Blob]) -> int:
+    """Write the file at ``handle``'s position (the header last, over its placeholder's
+    room); leave the position after it and return the bytes written."""
+    start = handle.tell()
+    handle.seek(start + 8 + len(header))
+    checksums = _format.write_blobs(handle, blobs)
+    end = handle.tell()
+    handle.seek(start)
+    handle.write(_format.seal_header(header, checksums))
+    handle.seek(end)
+    handle.flush()
+    return end - start
 
 
 def _members(
@@ -125,7 +152,7 @@ def versions() -> dict[str, str]:
 
 
 def load(
-    path: PathLike,
+    path: Source,
     *,
     map_location: MapLocation = "cpu",
     lazy: bool = False,
@@ -141,7 +168,12 @@ def load(
         path: a torchvault file, or any safetensors file (loaded as a dict of tensors), or a
             torch.save file or Hugging Face model folder, read by the restricted reader of
             :func:`load_legacy` (zero-copy, every zip CRC checked; ``lazy`` and ``verify``
-            do not apply).
+            do not apply). Or the same contents in memory: ``bytes``, ``bytearray``,
+            ``memoryview`` or a binary file object (``io.BytesIO``, ``open(..., "rb")``),
+            read from its current position to its end. These are copied once into private
+            memory (an open file read from its start is mapped instead), so loaded tensors
+            never alias a buffer the caller can change, and are checked as strictly as a
+            file.
         map_location: where tensors go: a device (``"cpu"``, ``"cuda:0"``), ``None`` for the
             device each tensor was saved from, or a dict from saved device to target device.
         lazy: map the file and read no tensor byte until a tensor is used.
@@ -157,11 +189,21 @@ def load(
             message names the tensor.
         UnsupportedFormatError: the file was written by a newer torchvault.
         UnsafeCheckpointError: a torch.save file names code outside the allowlist.
+        TypeError: ``path`` is not a path, bytes-like object or binary file object.
+        ValueError: ``path`` is a file object that is closed or not open for reading.
 
     Example:
         >>> state = tv.load("model.tv")
         >>> model.load_state_dict(state)
+        >>> state = tv.load(response.content)  # bytes
     """
+    with _source.reading(path) as (where, _):
+        return _load(where, map_location, lazy, verify, restore_dtype)
+
+
+def _load(
+    path: PathLike, map_location: MapLocation, lazy: bool, verify: bool, restore_dtype: bool
+) -> object:
     from .legacy import _dispatch  # imported here: the legacy package imports this module
 
     if _dispatch.is_foreign(path):
@@ -194,13 +236,25 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def inspect(path: PathLike) -> CheckpointInfo:
+def inspect(path: Source) -> CheckpointInfo:
     """Describe a checkpoint's tensors, metadata and versions without reading tensor data.
+
+    Args:
+        path: what :func:`load` accepts: a path, bytes or a binary file object.
+
+    Raises:
+        CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError: as
+            :func:`load`; TypeError and ValueError for a ``path`` of the wrong kind.
 
     Example:
         >>> info = tv.inspect("model.tv")
         >>> [(t.key, t.dtype, t.shape) for t in info.tensors]
     """
+    with _source.reading(path) as (where, name):
+        return dataclasses.replace(_inspect(where), path=name)
+
+
+def _inspect(path: PathLike) -> CheckpointInfo:
     from .legacy import _dispatch
 
     if _dispatch.is_foreign(path):
@@ -248,19 +302,28 @@ class _Ref:
         self.index = index
 
 
-def verify(path: PathLike) -> VerifyReport:
+def verify(path: Source) -> VerifyReport:
     """Check a file completely: header, tree, tensor table and every tensor's checksum.
 
     Plain safetensors files carry no checksums: their structure is checked. torch.save files
     are read with the restricted reader, every zip CRC-32 checked; model folders shard by
     shard.
 
+    Args:
+        path: what :func:`load` accepts: a path, bytes or a binary file object.
+
     Raises:
         CorruptCheckpointError: naming the tensor or the part of the file that is damaged.
+        TypeError, ValueError: a ``path`` of the wrong kind, as :func:`load`.
 
     Example:
         >>> tv.verify("model.tv").checked_bytes
     """
+    with _source.reading(path) as (where, name):
+        return dataclasses.replace(_verify(where), path=name)
+
+
+def _verify(path: PathLike) -> VerifyReport:
     from .legacy import _dispatch
 
     if _dispatch.is_foreign(path):

@@ -8,12 +8,13 @@ shapes and dtypes. Nothing is copied until the comparison passes (or ``strict=Fa
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import torch
 
+from . import _source
 from ._file import load
 from ._report import DtypeCast, LoadReport, RenamedKey, ShapeMismatch
 from ._tensors import MapLocation
@@ -27,7 +28,7 @@ _LISTED = 20
 
 def load_into(
     module: torch.nn.Module,
-    source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    source: _source.Readable | Mapping[str, torch.Tensor],
     *,
     strict: bool = True,
     rename: Rename | None = None,
@@ -39,7 +40,8 @@ def load_into(
         module: the model to fill; its parameters and buffers are copied into, so tensors
             keep their identity, device and dtype (values are cast to the model's dtype).
         source: a checkpoint path (mapped, not copied: no second full copy of the weights
-            is held) or a state dict.
+            is held), its contents as bytes or a binary file object (as :func:`load`
+            reads them), or a state dict.
         strict: raise if any key is missing, unexpected or has another shape. With False,
             load what matches and list the rest in the report.
         rename: rules applied to source keys before matching: a mapping or pairs of
@@ -60,11 +62,11 @@ def load_into(
         >>> report.missing, report.renamed
     """
     where = "the state dict"
-    if isinstance(source, str | os.PathLike):
-        where = os.fspath(source)
+    if not isinstance(source, Mapping) and _source.is_source(source):
+        where = _source.display_name(source)
         source = _as_state_dict(load(source, map_location=map_location or "cpu"), where)
     target = module.state_dict()
-    renamed_source, renamed = _apply_rules(source, rename)
+    renamed_source, renamed = _apply_rules(cast("Mapping[str, torch.Tensor]", source), rename)
     renamed_source, auto = _reconcile_wrappers(renamed_source, target)
     report = _compare(renamed_source, target, renamed + auto)
     if strict and not report.ok:
