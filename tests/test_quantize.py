@@ -343,3 +343,118 @@ def test_a_torchao_file_without_torchao_asks_for_the_extra(
     without_torchao(monkeypatch)
     with pytest.raises(ImportError, match=r"torchvault\[quantize\]"):
         load_quantized(mlp(), tmp_path / "q.tv")
+
+
+# ----------------------------------------------------------------------------- tv.save / tv.load_into
+
+BACKENDS = [
+    pytest.param("torchao", "int8-dynamic", id="torchao-dynamic"),
+    pytest.param("torchao", "int8-weight-only", id="torchao-weight-only"),
+    pytest.param("torch.ao", "int8-dynamic", id="torch.ao-dynamic"),
+]
+
+
+def quantized_mlp(
+    backend: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[nn.Module, Any]:
+    if backend == "torch.ao":
+        without_torchao(monkeypatch)
+    quantized, report = quantize(mlp(), method)
+    assert report.backend == backend
+    return quantized, report
+
+
+@pytest.mark.parametrize(("backend", "method"), BACKENDS)
+def test_tv_save_of_a_quantized_model_stores_it_as_save_quantized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, method: str
+) -> None:
+    quantized, _ = quantized_mlp(backend, method, monkeypatch)
+    report = tv.save(quantized, tmp_path / "q.tv", metadata={"run": "exp1"})
+    assert isinstance(report, tv.SaveReport)
+    assert report.file_bytes == (tmp_path / "q.tv").stat().st_size
+    info = tv.inspect(tmp_path / "q.tv")
+    assert info.metadata["quantization"] == method
+    assert info.metadata["quantization.backend"] == backend
+    assert info.metadata["run"] == "exp1"
+    loaded = load_quantized(mlp(seed=7), tmp_path / "q.tv")
+    assert torch.equal(outputs(loaded, mlp_input()), outputs(quantized, mlp_input()))
+
+
+@pytest.mark.parametrize(("backend", "method"), BACKENDS)
+def test_load_into_a_float_skeleton_reads_a_quantized_file_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, method: str
+) -> None:
+    quantized, _ = quantized_mlp(backend, method, monkeypatch)
+    tv.save(quantized, tmp_path / "q.tv")
+    skeleton = mlp(seed=7)
+    report = tv.load_into(skeleton, tmp_path / "q.tv")
+    assert report.ok
+    assert set(report.loaded) == set(quantized.state_dict())
+    assert _quantize_backends._quantized_modules(skeleton, backend) == MLP_LINEARS
+    assert torch.equal(outputs(skeleton, mlp_input()), outputs(quantized, mlp_input()))
+
+
+@pytest.mark.parametrize(("backend", "method"), BACKENDS)
+def test_load_into_an_already_quantized_model_copies_the_saved_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, method: str
+) -> None:
+    quantized, _ = quantized_mlp(backend, method, monkeypatch)
+    save_quantized(quantized, tmp_path / "q.tv")
+    other, _ = quantize(mlp(seed=7), method)
+    assert not torch.equal(outputs(other, mlp_input()), outputs(quantized, mlp_input()))
+    assert tv.load_into(other, tmp_path / "q.tv").ok
+    assert torch.equal(outputs(other, mlp_input()), outputs(quantized, mlp_input()))
+
+
+def test_save_quantized_returns_a_save_report(tmp_path: Path) -> None:
+    quantized, _ = quantize(mlp())
+    report = save_quantized(quantized, tmp_path / "q.tv")
+    assert isinstance(report, tv.SaveReport)
+    assert report.path == str(tmp_path / "q.tv")
+    assert report.file_bytes == (tmp_path / "q.tv").stat().st_size
+
+
+def test_a_quantized_model_round_trips_through_memory() -> None:
+    import io
+
+    quantized, _ = quantize(mlp(), "int8-weight-only")
+    buffer = io.BytesIO()
+    tv.save(quantized, buffer)
+    skeleton = mlp(seed=3)
+    tv.load_into(skeleton, buffer.getvalue())
+    assert torch.equal(outputs(skeleton, mlp_input()), outputs(quantized, mlp_input()))
+
+
+def test_storing_a_quantized_model_in_another_dtype_is_a_value_error(tmp_path: Path) -> None:
+    quantized, _ = quantize(mlp())
+    with pytest.raises(ValueError, match="`dtype`"):
+        tv.save(quantized, tmp_path / "q.tv", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="`quantize`"):
+        tv.save(quantized, tmp_path / "q.tv", quantize="int8")
+    assert not (tmp_path / "q.tv").exists()
+
+
+def test_load_into_a_quantized_file_refuses_partial_matching(tmp_path: Path) -> None:
+    quantized, _ = quantize(mlp())
+    tv.save(quantized, tmp_path / "q.tv")
+    with pytest.raises(ValueError, match="`strict=False`"):
+        tv.load_into(mlp(), tmp_path / "q.tv", strict=False)
+    with pytest.raises(ValueError, match="`rename`"):
+        tv.load_into(mlp(), tmp_path / "q.tv", rename={"fc1.": "fc0."})
+
+
+def test_load_into_a_quantized_file_of_another_architecture_is_a_mismatch(tmp_path: Path) -> None:
+    quantized, _ = quantize(mlp())
+    tv.save(quantized, tmp_path / "q.tv")
+    skeleton = transformer()
+    with pytest.raises(tv.StateDictMismatchError, match="missing in the file"):
+        tv.load_into(skeleton, tmp_path / "q.tv")
+    assert not _quantize_backends._torchao_weights(skeleton)  # left float
+
+
+def test_load_into_a_model_quantized_another_way_is_a_mismatch(tmp_path: Path) -> None:
+    quantized, _ = quantize(mlp(), "int8-weight-only")
+    tv.save(quantized, tmp_path / "q.tv")
+    other, _ = quantize(mlp(), "int8-dynamic")
+    with pytest.raises(tv.StateDictMismatchError, match="int8-weight-only"):
+        tv.load_into(other, tmp_path / "q.tv")

@@ -70,6 +70,10 @@ def save(
             float32); ``load`` always dequantizes them to their original dtype. The report
             gives the largest error per tensor.
 
+    A model returned by :func:`torchvault.quantize` (torchao or torch.ao) is stored as
+    :func:`torchvault.save_quantized` stores it; read it back with ``load_into(float_model,
+    path)`` or ``load_quantized``.
+
     Returns:
         A :class:`SaveReport`: the file's size, and each tensor stored in another form with
         the error its conversion made.
@@ -86,6 +90,10 @@ def save(
     """
     if not _source.is_path(path):
         _source.check_writable(path, "path")
+    if isinstance(obj, torch.nn.Module) and _is_quantized(obj, dtype, quantize):
+        from .export._quantized_file import save_quantized  # the export package imports us
+
+        return save_quantized(obj, path, metadata=metadata)
     state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     with _gc_paused():
         plan = TensorPlan()
@@ -101,6 +109,22 @@ def save(
     with atomic_file(cast(PathLike, path)) as handle:
         size = _write(handle, header, blobs)
     return SaveReport(os.fspath(cast(PathLike, path)), size, count, tuple(storing.report))
+
+
+def _is_quantized(module: torch.nn.Module, dtype: object, quantize: object) -> bool:
+    """A model from ``tv.quantize``: its weights are no plain tensors, so it is stored as
+    :func:`save_quantized` stores it (which ``load_into`` and ``load_quantized`` read)."""
+    from .export._quantized_file import is_quantized
+
+    if not is_quantized(module):
+        return False
+    for name, value in (("dtype", dtype), ("quantize", quantize)):
+        if value is not None:
+            raise ValueError(
+                f"`{name}={value!r}` does not apply to a model quantized by tv.quantize: its "
+                f"int8 weights are stored as they are. Drop `{name}`, or save the float model."
+            )
+    return True
 
 
 def _write(handle: BinaryIO, header: bytes, blobs: list[_format.Blob]) -> int:

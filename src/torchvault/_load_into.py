@@ -63,8 +63,14 @@ def load_into(
     """
     where = "the state dict"
     if not isinstance(source, Mapping) and _source.is_source(source):
+        from .export import _quantized_file as _quantized  # the export package imports us
+
         where = _source.display_name(source)
-        source = _as_state_dict(load(source, map_location=map_location or "cpu"), where)
+        loaded = load(source, map_location=map_location or "cpu")
+        if _quantized.is_quantized_file(loaded):
+            _check_whole(strict, rename)
+            return _quantized.load_into_model(module, loaded, where)
+        source = _as_state_dict(loaded, where)
     target = module.state_dict()
     renamed_source, renamed = _apply_rules(cast("Mapping[str, torch.Tensor]", source), rename)
     renamed_source, auto = _reconcile_wrappers(renamed_source, target)
@@ -78,6 +84,16 @@ def load_into(
     loadable = {key: renamed_source[key] for key in report.loaded}
     module.load_state_dict(loadable, strict=False)
     return report
+
+
+def _check_whole(strict: bool, rename: object) -> None:
+    for name, given in (("strict=False", strict is False), ("rename", rename is not None)):
+        if given:
+            raise ValueError(
+                f"`{name}` does not apply to a quantized model file: it loads whole into a "
+                "model of the saved architecture (its weights are re-quantized the same way). "
+                f"Drop `{name.partition('=')[0]}`."
+            )
 
 
 def _as_state_dict(obj: object, where: str) -> Mapping[str, torch.Tensor]:

@@ -20,17 +20,16 @@ model's.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import torch
 
-from .. import _file
-from .._file import PathLike
-from .._report import LoadReport, ShapeMismatch
+from .. import _file, _source
+from .._file import PathLike, Source
+from .._report import LoadReport, SaveReport, ShapeMismatch
 from ..errors import (
     CorruptCheckpointError,
     StateDictMismatchError,
@@ -52,6 +51,7 @@ from ._quantize_backends import (
 
 BACKENDS = ("torchao", "torch.ao")
 FORMAT = 1
+_TREE_KEYS = frozenset(("format", "method", "backend", "torchao", "state", "layout"))
 METADATA_KEY = "quantization"
 _LISTED = 10
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -204,20 +204,28 @@ def _restore_dynamic(module: Any, parts: Mapping[str, torch.Tensor]) -> None:
 
 
 def save_quantized(
-    model: torch.nn.Module, path: PathLike, *, metadata: Mapping[str, str] | None = None
-) -> None:
+    model: torch.nn.Module,
+    path: PathLike | BinaryIO,
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> SaveReport:
     """Save a model quantized by :func:`quantize` as a torchvault file (no pickle).
 
     Float tensors are saved as they are; each quantized weight as its plain int8 values and
     scales, with a description. The method and backend are read from the model and recorded
     in the file and in its metadata (``quantization``, ``quantization.backend`` and, for
     torchao, ``quantization.torchao``, the version), so ``tv.inspect`` shows them.
+    ``tv.save(model, path)`` does the same for a quantized model.
 
     Args:
         model: a model returned by :func:`quantize` or :func:`load_quantized`.
-        path: the destination file, replaced atomically.
+        path: the destination file, replaced atomically, or a binary file object (as
+            :func:`torchvault.save` takes).
         metadata: more strings to store; keys must not start with ``torchvault.`` nor be
             ``quantization`` or start with ``quantization.``.
+
+    Returns:
+        The :class:`SaveReport` of :func:`torchvault.save`.
 
     Raises:
         ValueError: the model has no quantized layer, or mixes backends or methods, or a
@@ -230,7 +238,12 @@ def save_quantized(
         >>> tv.save_quantized(qmodel, "model-int8.tv", metadata={"run": "exp1"})
     """
     method, backend = _detect(model)
-    _save(model, path, method, backend, metadata)
+    return _save(model, path, method, backend, metadata)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """True for a model with torchao weights or torch.ao dynamic Linear layers."""
+    return bool(_dynamic_linears(model) or _torchao_weights(model))
 
 
 def _detect(model: torch.nn.Module) -> tuple[str, str]:
@@ -278,11 +291,11 @@ def _torchao_method(key: str, weight: torch.Tensor) -> str:
 
 def _save(
     model: torch.nn.Module,
-    path: PathLike,
+    path: PathLike | BinaryIO,
     method: str,
     backend: str,
     metadata: Mapping[str, str] | None,
-) -> None:
+) -> SaveReport:
     entries = _entries(model, backend)
     version = _torchao_version() if backend == "torchao" else None
     tree = {
@@ -293,7 +306,7 @@ def _save(
         "state": {k: dict(e.parts) if isinstance(e, _Packed) else e for k, e in entries.items()},
         "layout": {k: e.layout() for k, e in entries.items() if isinstance(e, _Packed)},
     }
-    _file.save(tree, path, metadata=_metadata(method, backend, version, metadata))
+    return _file.save(tree, path, metadata=_metadata(method, backend, version, metadata))
 
 
 def _metadata(
@@ -314,7 +327,7 @@ def _metadata(
 # ----------------------------------------------------------------------------- load
 
 
-def load_quantized(model: torch.nn.Module, path: PathLike) -> torch.nn.Module:
+def load_quantized(model: torch.nn.Module, path: Source) -> torch.nn.Module:
     """Load a file written by :func:`save_quantized` into a float model of the same
     architecture.
 
@@ -324,7 +337,8 @@ def load_quantized(model: torch.nn.Module, path: PathLike) -> torch.nn.Module:
     Args:
         model: a float skeleton of the saved model's architecture (its own weights do not
             matter). It is quantized in place and left in eval mode.
-        path: a file written by :func:`save_quantized`.
+        path: a file written by :func:`save_quantized` (or ``tv.save``), or its contents
+            as bytes or a binary file object.
 
     Returns:
         ``model``, quantized, holding the saved weights.
@@ -344,17 +358,62 @@ def load_quantized(model: torch.nn.Module, path: PathLike) -> torch.nn.Module:
     Example:
         >>> model = tv.load_quantized(MyModel(), "model-int8.tv")
     """
-    saved = _Saved.read(_file.load(path), os.fspath(path))
+    saved = _Saved.read(_file.load(path), _source.display_name(path))
     _check_float(model)
+    _fill(model, saved)
+    return model
+
+
+def is_quantized_file(tree: object) -> bool:
+    """True for what :func:`torchvault.load` returns for a file written by save_quantized."""
+    return isinstance(tree, dict) and tree.keys() == _TREE_KEYS
+
+
+def load_into_model(model: torch.nn.Module, tree: object, path: str) -> LoadReport:
+    """``tv.load_into`` of a save_quantized file: quantize a float ``model`` as the file
+    says (or check that an already quantized one matches it) and copy the saved tensors in.
+
+    Raises:
+        CorruptCheckpointError, UnsupportedFormatError: as :func:`load_quantized`.
+        StateDictMismatchError: another architecture or quantization; a float model is
+            left unchanged.
+    """
+    saved = _Saved.read(tree, path)
+    if is_quantized(model):
+        method, backend = _detect(model)
+        if (method, backend) != (saved.method, saved.backend):
+            _raise_mismatch(
+                {},
+                {},
+                [
+                    f"{saved.method} with {saved.backend} in the file, {method} with {backend} "
+                    "in the model"
+                ],
+                path,
+                "the model is quantized another way",
+            )
+        fresh = _entries(model, backend)
+        _check_same(fresh, saved)
+        _copy(model, fresh, saved)
+    else:
+        _fill(model, saved)
+    return LoadReport(loaded=tuple(model.state_dict()))
+
+
+def _fill(model: torch.nn.Module, saved: _Saved) -> None:
+    """Quantize the float ``model`` as ``saved`` was, then copy its tensors in."""
     _check_fit(_float_specs(model), saved.float_specs(), saved.path)
     model.eval()
     _apply(model, saved.method, saved.backend)
     expected = _entries(model, saved.backend)
     _check_same(expected, saved)
+    _copy(model, expected, saved)
+
+
+def _copy(model: torch.nn.Module, expected: Mapping[str, _Entry], saved: _Saved) -> None:
     with torch.no_grad(), _quiet_torch_ao():
         for key, want in expected.items():
             _assign(model, key, want, saved.entries[key])
-    return model
 
 
 def _assign(model: torch.nn.Module, key: str, want: _Entry, got: _Entry) -> None:
