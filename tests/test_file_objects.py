@@ -164,6 +164,15 @@ def test_truncated_file_object_is_corrupt_and_named(tmp_path: Path) -> None:
     assert info.value.path == str(tmp_path / "cut.tv")
 
 
+def test_a_file_object_left_at_its_end_is_a_value_error_saying_seek() -> None:
+    buffer = io.BytesIO()
+    tv.save(STATE, buffer)  # the position is now after the file
+    with pytest.raises(ValueError, match=r"`path` is a file object at its end.*seek\(0\)"):
+        tv.load(buffer)
+    buffer.seek(0)
+    _check_state(tv.load(buffer))
+
+
 def test_empty_bytes_are_corrupt() -> None:
     with pytest.raises(tv.CorruptCheckpointError, match="<bytes>"):
         tv.load(b"")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -415,8 +416,6 @@ def test_save_quantized_returns_a_save_report(tmp_path: Path) -> None:
 
 
 def test_a_quantized_model_round_trips_through_memory() -> None:
-    import io
-
     quantized, _ = quantize(mlp(), "int8-weight-only")
     buffer = io.BytesIO()
     tv.save(quantized, buffer)

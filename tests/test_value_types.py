@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import struct
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import torchvault as tv
 import torchvault._format
@@ -59,6 +62,24 @@ def test_set_and_frozenset_round_trip(tmp_path: Path) -> None:
     assert back == state
     assert type(back["tags"]) is set
     assert type(back["frozen"]) is frozenset
+
+
+HASHABLE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5) | st.binary(max_size=5),
+    lambda inner: st.tuples(inner, inner) | st.frozensets(inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(HASHABLE, max_size=6), st.frozensets(HASHABLE, max_size=6))
+def test_sets_of_hashable_values_round_trip(members: set[Any], frozen: frozenset[Any]) -> None:
+    buffer = io.BytesIO()
+    tv.save({"s": members, "f": frozen, "ns": argparse.Namespace(s=members)}, buffer)
+    back = tv.load(buffer.getvalue())
+    assert back["s"] == members
+    assert back["f"] == frozen
+    assert back["ns"].s == members
 
 
 def test_set_encoding_is_sorted_not_in_hash_order() -> None:

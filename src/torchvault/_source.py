@@ -135,15 +135,29 @@ def _copy_stream(source: BinaryIO, target: BinaryIO, argument: str) -> None:
         with source.getbuffer() as view:
             target.write(view[start:])
         source.seek(0, os.SEEK_END)
-        return
-    first = source.read(_COPY_CHUNK)
-    if not isinstance(first, bytes | bytearray | memoryview):
-        raise TypeError(
-            f"`{argument}`.read() returned {type(first).__name__}, not bytes; open the file "
-            "in binary mode ('rb')."
+    else:
+        first = source.read(_COPY_CHUNK)
+        if not isinstance(first, bytes | bytearray | memoryview):
+            raise TypeError(
+                f"`{argument}`.read() returned {type(first).__name__}, not bytes; open the "
+                "file in binary mode ('rb')."
+            )
+        target.write(first)
+        shutil.copyfileobj(source, target, _COPY_CHUNK)
+    if target.tell() == 0 and _at_end(source):
+        raise ValueError(
+            f"`{argument}` is a file object at its end: there is nothing after its position "
+            "to read. A file object is read from its current position; after writing to it, "
+            "call seek(0) (or the position the checkpoint starts at) first."
         )
-    target.write(first)
-    shutil.copyfileobj(source, target, _COPY_CHUNK)
+
+
+def _at_end(source: BinaryIO) -> bool:
+    """True for a non-empty seekable stream read to its end (rather than an empty one)."""
+    try:
+        return source.tell() > 0
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _direct_path(source: BinaryIO, argument: str) -> str | None:
