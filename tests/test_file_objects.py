@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -82,6 +83,53 @@ def test_load_from_an_open_file_at_its_start(tmp_path: Path) -> None:
     with open(tmp_path / "s.tv", "rb") as handle:
         _check_state(tv.load(handle))
         assert handle.tell() == (tmp_path / "s.tv").stat().st_size
+
+
+def test_load_from_a_gzip_file_object_reads_its_decompressed_bytes(tmp_path: Path) -> None:
+    # GzipFile.fileno() is the compressed file's: it must be read, not mapped
+    with gzip.open(tmp_path / "s.tv.gz", "wb") as packed:
+        packed.write(_saved())
+    with gzip.open(tmp_path / "s.tv.gz", "rb") as stream:
+        _check_state(tv.load(stream))
+
+
+class Trickle(io.RawIOBase):
+    """A raw stream whose write() takes at most 1000 bytes, as raw writes may."""
+
+    def __init__(self) -> None:
+        self.data = io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b: object) -> int:
+        return self.data.write(memoryview(b).cast("B")[:1000])  # type: ignore[arg-type]
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.data.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.data.tell()
+
+
+def test_save_to_a_raw_stream_writes_every_byte() -> None:
+    raw = Trickle()
+    big = {"w": torch.arange(10_000.0), "meta": "x" * 3000}
+    tv.save(big, raw)
+    back = tv.load(raw.data.getvalue())
+    assert torch.equal(back["w"], big["w"])
+    assert back["meta"] == big["meta"]
+
+
+def test_save_to_a_file_in_append_mode_is_a_value_error(tmp_path: Path) -> None:
+    with (
+        open(tmp_path / "a.tv", "ab") as appending,
+        pytest.raises(ValueError, match="`path` is open in append mode"),
+    ):
+        tv.save(STATE, appending)
 
 
 def test_load_reads_from_the_position_of_a_bytesio() -> None:

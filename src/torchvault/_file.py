@@ -104,7 +104,7 @@ def save(
         members = _members(tree, plan, len(blobs), metadata) | storing.member()
         header = _format.build_header(blobs, members)
     if not _source.is_path(path):
-        size = _write(cast(BinaryIO, path), header, blobs)
+        size = _write(_source.whole_writes(cast(BinaryIO, path)), header, blobs)
         return SaveReport(_source.display_name(path), size, count, tuple(storing.report))
     with atomic_file(cast(PathLike, path)) as handle:
         size = _write(handle, header, blobs)

@@ -163,6 +163,8 @@ def _at_end(source: BinaryIO) -> bool:
 def _direct_path(source: BinaryIO, argument: str) -> str | None:
     """The ``/proc`` path of an open regular file read from its start: mapped, not copied."""
     check_readable(source, argument)
+    if not isinstance(getattr(source, "raw", source), io.FileIO):
+        return None  # its fileno() may be another file's (GzipFile gives the compressed one)
     try:
         fd = source.fileno()
         at_start = source.tell() == 0
@@ -170,7 +172,7 @@ def _direct_path(source: BinaryIO, argument: str) -> str | None:
     except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
         return None
     path = f"{_PROC_FD}/{fd}"
-    return path if at_start and regular and os.path.exists(path) else None
+    return path if at_start and regular and os.access(path, os.R_OK) else None
 
 
 def check_readable(source: object, argument: str) -> None:
@@ -200,12 +202,51 @@ def check_writable(target: object, argument: str) -> None:
     writable = getattr(target, "writable", None)
     if callable(writable) and not writable():
         raise ValueError(f"`{argument}` is a file object not open for writing; open it with 'wb'.")
+    mode = getattr(target, "mode", None)
+    if isinstance(mode, str) and "a" in mode:
+        raise ValueError(
+            f"`{argument}` is open in append mode ({mode!r}), where every write goes to the "
+            "end whatever the position, and save writes its header last; open it with 'wb' "
+            "or 'r+b'."
+        )
     seekable = getattr(target, "seekable", None)
     if callable(seekable) and not seekable():
         raise ValueError(
             f"`{argument}` is a file object that cannot seek (a pipe or a socket); save writes "
             "the header after the tensors. Save to an io.BytesIO() and write its getvalue()."
         )
+
+
+def whole_writes(target: BinaryIO) -> BinaryIO:
+    """``target``, or for an unbuffered raw stream (``open(..., buffering=0)``), a wrapper
+    whose ``write`` loops: a raw ``write`` may take fewer bytes than it was given."""
+    return cast(BinaryIO, _WholeWrites(target)) if isinstance(target, io.RawIOBase) else target
+
+
+class _WholeWrites:
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            written = self._raw.write(view)
+            if not written:  # None: a non-blocking stream that would block
+                raise BlockingIOError(
+                    f"{display_name(self._raw)} took no bytes; use a blocking file"
+                )
+            view = view[written:]
+        return total
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def flush(self) -> None:
+        self._raw.flush()
 
 
 def _check_stream(stream: object, argument: str, method: str, accepts: str) -> None:
