@@ -388,7 +388,7 @@ def test_convert_nested_state_to_safetensors_exits_1(
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--max-shard-size", "1MB"],  # not --to hf
+        ["--to", "safetensors", "--max-shard-size", "1MB"],  # not a folder
         ["--to", "hf", "--max-shard-size", "12 parsecs"],
         ["--to", "hf", "--max-shard-size", "0"],
         ["--to", "onnx"],
@@ -418,4 +418,4 @@ def test_help_and_module_docstring_document_scan_and_convert(
     assert "REFUSED" in out
     doc = torchvault.cli.__doc__ or ""
     assert "torchvault scan PATH... [--json]" in doc
-    assert "torchvault convert SRC DST [--to torchvault|safetensors|hf]" in doc
+    assert "torchvault convert SRC DST [--to tv|safetensors|hf|torch]" in doc
