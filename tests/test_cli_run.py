@@ -16,7 +16,8 @@ from torch import nn
 
 import torchvault as tv
 import torchvault.cli
-from torchvault.cli import _diff, _progress, main
+from torchvault import _diff
+from torchvault.cli import _progress, main
 from torchvault.cli._render import human_bytes
 from torchvault.cli._runs import parse_source
 

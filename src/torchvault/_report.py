@@ -360,3 +360,98 @@ class QuantizationReport:
     float_latency_ms: float
     quantized_latency_ms: float
     samples: int
+
+
+@dataclass(frozen=True)
+class DiffSide:
+    """One side of :func:`torchvault.diff`: a checkpoint file, or one checkpoint of a run.
+
+    Attributes:
+        source: the operand as given (``"model.tv"``, ``"runs/exp1@best"``).
+        kind: ``"file"`` or ``"run"``.
+        path: the file, folder or run folder read.
+        step: the run's step compared (``None`` for a file).
+    """
+
+    source: str
+    kind: str
+    path: str
+    step: int | None = None
+
+    def label(self) -> str:
+        """``model.tv``, or ``runs/exp1@best (step 30)``."""
+        return self.source if self.step is None else f"{self.source} (step {self.step})"
+
+
+@dataclass(frozen=True)
+class DiffLeaf:
+    """One leaf of a compared tree, described.
+
+    Attributes:
+        kind: ``"tensor"``, ``"array"`` (numpy) or ``"value"``.
+        dtype: for tensors and arrays.
+        shape: for tensors and arrays.
+        nbytes: bytes of tensor or array data.
+        text: for values, their ``repr``, shortened.
+    """
+
+    kind: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    nbytes: int = 0
+    text: str = ""
+
+    def describe(self) -> str:
+        """``float32 [2, 3]`` or the value's shortened ``repr``."""
+        if self.kind == "value":
+            return self.text
+        return f"{self.dtype} [{', '.join(str(n) for n in self.shape or ())}]"
+
+
+@dataclass(frozen=True)
+class DiffChange:
+    """A key whose leaf differs between the two sides.
+
+    Attributes:
+        key: the dotted path of the leaf.
+        a: the leaf in A.
+        b: the leaf in B.
+        reason: ``"values"``, ``"dtype"``, ``"shape"``, ``"dtype, shape"``, ``"type"`` (a
+            tensor against a value) or ``"value"`` (two values not ``==``).
+        max_abs_diff: for ``"values"``, the largest absolute difference (NaN where one side
+            has a NaN the other has not); ``None`` for bit-compared dtypes and other reasons.
+    """
+
+    key: str
+    a: DiffLeaf
+    b: DiffLeaf
+    reason: str
+    max_abs_diff: float | None = None
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """What :func:`torchvault.diff` found between two verified checkpoints.
+
+    Attributes:
+        a: the first side.
+        b: the second side.
+        atol: tensor values within this absolute difference counted as unchanged.
+        changed: keys in both whose leaves differ, in A's order.
+        added: keys only B has, with their leaves.
+        removed: keys only A has, with their leaves.
+        unchanged: keys in both whose leaves are equal (within ``atol``).
+    """
+
+    a: DiffSide
+    b: DiffSide
+    atol: float
+    changed: tuple[DiffChange, ...] = ()
+    added: tuple[tuple[str, DiffLeaf], ...] = ()
+    removed: tuple[tuple[str, DiffLeaf], ...] = ()
+    unchanged: int = 0
+
+    @property
+    def identical(self) -> bool:
+        """True when nothing was added, removed or changed."""
+        return not (self.added or self.removed or self.changed)

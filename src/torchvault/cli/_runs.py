@@ -1,5 +1,5 @@
 """Run folders on the command line: opening one for reading, step references, the
-``RUN@STEP`` syntax of ``diff``, and argument types.
+``RUN@STEP`` syntax (``diff``, ``verify``, ``inspect``), and argument types.
 
 Everything here reads only and takes no lock, so it works while a trainer writes the run.
 """
@@ -10,15 +10,12 @@ import argparse
 import contextlib
 import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from .. import _run
+from .. import _run, _sources
 from .._report import CheckpointSummary
 from .._run import StepRef
-from .._store import RUN_FILE, RunStore
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from .._store import RunStore
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ._exit import UsageError
 
 _RETRIES = 5  # listings retried when a concurrent prune deletes a checkpoint under them
@@ -33,26 +30,7 @@ def open_run(path: str | os.PathLike[str]) -> RunStore:
             by a newer torchvault.
         CorruptCheckpointError: the run's marker is damaged (exit 1).
     """
-    root = Path(path)
-    name = os.fspath(path)
-    if not root.exists():
-        raise CheckpointNotFoundError(
-            f"no run at {name}: the folder does not exist. Check the path.", path=name
-        )
-    if not root.is_dir():
-        raise UnsupportedFormatError(
-            f"{name} is a file, not a run folder; `torchvault inspect` reads checkpoint files.",
-            path=name,
-        )
-    store = RunStore(root)
-    if not store.exists():
-        raise UnsupportedFormatError(
-            f"{name} is not a torchvault run folder (it has no {RUN_FILE}); a run is the "
-            "folder given to tv.CheckpointManager.",
-            path=name,
-        )
-    store.check()
-    return store
+    return _sources.open_run(path)
 
 
 def summaries(store: RunStore) -> list[CheckpointSummary]:
@@ -79,12 +57,7 @@ def resolve(store: RunStore, ref: StepRef) -> int:
     Raises:
         CheckpointNotFoundError: no such step, or the run has no checkpoint yet.
     """
-    step = _run.resolve(store, ref)
-    if step is None:
-        raise CheckpointNotFoundError(
-            f"{store.root} has no checkpoint yet (no step {ref!r}).", path=store.root
-        )
-    return step
+    return _sources.resolve_step(store, ref)
 
 
 def recorded_best(store: RunStore) -> int | None:
@@ -97,52 +70,23 @@ def recorded_best(store: RunStore) -> int | None:
 # ---------------------------------------------------------------------- RUN@STEP
 
 
-@dataclass(frozen=True)
-class Source:
-    """One side of ``diff``: a checkpoint file, or one checkpoint of a run."""
-
-    spec: str
-    kind: str  # "file" or "run"
-    path: str
-    step: int | None = None
-
-    def label(self) -> str:
-        if self.kind == "file":
-            return self.spec
-        return f"{self.spec} (step {self.step})"
-
-    def as_json(self) -> dict[str, Any]:
-        return {"source": self.spec, "kind": self.kind, "path": self.path, "step": self.step}
-
-
 def parse_source(spec: str) -> tuple[str, StepRef | None]:
-    """Split a ``diff`` operand into a path and a step reference (``None`` for a file).
+    """Split an operand into a path and a step reference (``None`` for a file): ``RUN@STEP``
+    names a run's checkpoint (``STEP`` a number, ``latest`` or ``best``), a bare run folder
+    ``RUN@latest``; an existing file is a file even if its name has an ``@``.
 
-    An existing file is a file even if its name has an ``@``; ``RUN@STEP`` names a run's
-    checkpoint (``STEP`` a number, ``latest`` or ``best``); a bare run folder means
-    ``RUN@latest``; anything else is taken as a file path.
+    Raises:
+        UsageError: ``RUN@STEP`` of an existing folder whose ``STEP`` is not a step (exit 2).
     """
-    if os.path.isfile(spec):
-        return spec, None
-    if "@" in spec:
-        run, _, ref = spec.rpartition("@")
-        try:
-            return run, parse_step(ref)
-        except ValueError as exc:
-            if os.path.isdir(run):
-                raise UsageError(f"{spec!r}: {exc}") from None
-    if os.path.isdir(spec):
-        return spec, "latest"
-    return spec, None
+    try:
+        return _sources.parse_source(spec)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_step(text: str) -> StepRef:
     """``latest``, ``best`` or a step number."""
-    if text in ("latest", "best"):
-        return text  # type: ignore[return-value]
-    if text.isascii() and text.isdigit():
-        return int(text)
-    raise ValueError(f"{text!r} is not a step: use a step number, 'latest' or 'best'")
+    return _sources.parse_step(text)
 
 
 # ---------------------------------------------------------------------- argument types
