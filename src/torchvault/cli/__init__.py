@@ -2,8 +2,10 @@
 
 Usage::
 
-    torchvault inspect model.tv [--json]   # tensors, sizes, versions, metadata
-    torchvault verify model.tv [--json]    # structure and every checksum
+    torchvault inspect PATH [--json]       # tensors, sizes, versions, metadata
+    torchvault verify PATH [--json]        # structure and every checksum
+                                           # PATH: a file, RUN@STEP, or RUN (verify: every
+                                           # committed step; inspect: the latest)
     torchvault ls RUN [--json]             # a run's checkpoints, sizes, latest and best
     torchvault diff A B [--json] [--atol X] [--item NAME] [--exit-code]
                                            # A, B: files or RUN@STEP (N, latest, best)
@@ -19,16 +21,17 @@ Usage::
                         --input-shape 8,64 [--method int8-dynamic|int8-weight-only] OUT
     torchvault --version
 
-``RUN`` is a run folder, the directory given to ``tv.CheckpointManager``. ``ls``, ``diff``,
-``export`` and ``prune --dry-run`` only read: they take no lock and work while a trainer
-writes the run. ``prune`` takes the run's writer lock; while a trainer holds it, prune
-deletes nothing and exits 1. ``prune`` with no policy flag is a usage error (exit 2). ``diff``
-exits 0 whether or not the checkpoints differ, unless ``--exit-code`` is given: then 1 means
-they differ. ``scan`` and ``convert`` read torch.save files (.pt, .pth, .bin, .ckpt) and
-Hugging Face folders without importing or running anything they name: ``scan`` exits 1 when
-any PATH names a global outside the allowlist (a model class, ``os.system``) or is malformed;
-``convert`` refuses such a file (exit 1) and writes nothing. Long operations draw a progress
-bar on stderr when it is a terminal.
+``RUN`` is a run folder, the directory given to ``tv.CheckpointManager``. ``inspect``,
+``verify``, ``ls``, ``diff``, ``export`` and ``prune --dry-run`` only read: they take no
+lock and work while a trainer writes the run. ``prune`` takes the run's writer lock; while a
+trainer holds it, prune deletes nothing and exits 1. ``prune`` with no policy flag is a
+usage error (exit 2). ``diff`` verifies both sides first (a damaged one exits 1, naming it)
+and exits 0 whether or not the checkpoints differ, unless ``--exit-code`` is given: then 1
+means they differ. ``scan`` and ``convert`` read torch.save files (.pt, .pth, .bin, .ckpt)
+and Hugging Face folders without importing or running anything they name: ``scan`` exits 1
+when any PATH names a global outside the allowlist (a model class, ``os.system``) or is
+malformed; ``convert`` refuses such a file (exit 1) and writes nothing. Long operations draw
+a progress bar on stderr when it is a terminal.
 
 Exit codes::
 
