@@ -18,6 +18,7 @@ import struct
 import sys
 import tarfile
 import threading
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -383,6 +384,41 @@ def test_salvage_recovers_the_state_dict_of_a_pickled_model(tmp_path: Path) -> N
     assert all(torch.equal(report.state_dict[k], v) for k, v in expected.items())  # type: ignore[arg-type]
     assert f"{__name__}._Net" in report.classes
     assert "torch.nn.modules.conv.Conv2d" in report.classes
+
+
+class _Payload:
+    """Pickles as a call of os.system; torch.save writes it without running anything."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_salvage_of_a_clean_model_is_safe_and_silent(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(_Net(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = tv.load_legacy(path, salvage=True)
+    assert report.safe
+    assert report.unsafe == ()
+
+
+def test_salvage_of_a_file_that_calls_unsafe_globals_says_so(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "model.pt"
+    torch.save({"model": _Net(), "hook": _Payload(marker)}, path)
+    with pytest.warns(UserWarning, match=r"model\.pt.*posix\.system") as caught:
+        report = tv.load_legacy(path, salvage=True)
+    assert len(caught) == 1
+    assert not marker.exists()
+    assert not report.safe
+    assert report.unsafe == ("posix.system",)
+    assert "posix.system" not in report.classes
+    assert f"{__name__}._Net" in report.classes
+    assert set(report.state_dict) == {f"model.{k}" for k in _Net().state_dict()}
 
 
 # -- model folders and convert ---------------------------------------------------------------

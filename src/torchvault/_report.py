@@ -264,12 +264,22 @@ class SalvageReport:
     Attributes:
         path: the file read.
         state_dict: every tensor by its dotted state-dict name.
-        classes: the classes (``module.QualName``) the file referred to; none was imported.
+        classes: the classes (``module.QualName``) the file instantiates (the model's own);
+            none was imported.
+        unsafe: the refused globals the file *calls* with its own arguments (``posix.system``):
+            ``torch.load(weights_only=False)`` would have run them. Nothing was run here, but
+            such a file was crafted or is not what it claims to be; a warning says so.
     """
 
     path: str
     state_dict: dict[str, object]
     classes: tuple[str, ...]
+    unsafe: tuple[str, ...] = ()
+
+    @property
+    def safe(self) -> bool:
+        """True when the file calls no refused global (only classes were refused)."""
+        return not self.unsafe
 
 
 @dataclass(frozen=True)
@@ -279,11 +289,14 @@ class ConvertReport:
     Attributes:
         source: the file or folder read.
         destination: the file or folder written.
-        format: ``"torchvault"``, ``"safetensors"`` or ``"hf"``.
+        format: ``"torchvault"``, ``"safetensors"``, ``"hf"`` or ``"torch"``.
         tensors: tensors written (aliases of one storage count once).
         bytes: tensor bytes written.
         aliases: ``(name, stored_as)`` pairs for tensors stored once under another name.
         files: the files written.
+        classes: with ``salvage=True``, the model classes the source instantiates.
+        unsafe: with ``salvage=True``, the refused globals the source calls (see
+            :class:`SalvageReport`).
     """
 
     source: str
@@ -293,6 +306,8 @@ class ConvertReport:
     bytes: int
     aliases: tuple[tuple[str, str], ...] = ()
     files: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    unsafe: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
+import warnings
 from typing import Any
 
 import torchvault as tv
@@ -79,6 +81,14 @@ CONVERT_ARGUMENTS = (
             "metavar": "SIZE",
             "help": "for a Hugging Face folder: the largest shard, e.g. 500MB or 2GiB "
             "(default: 5GB)",
+        },
+    ),
+    Argument(
+        ("--salvage",),
+        {
+            "action": "store_true",
+            "help": "SRC is a whole model saved with torch.save(model): convert the weights "
+            "recovered by name, without importing its classes",
         },
     ),
     JSON,
@@ -198,11 +208,14 @@ def convert(args: argparse.Namespace) -> int:
     plain safetensors file, .pt/.pth/.bin a torch.save file that
     torch.load(weights_only=True) reads, a folder or a name without suffix a Hugging Face
     folder. Another suffix without --to, or --max-shard-size for a single file, is a usage
-    error (exit 2). SRC is read with torchvault's restricted reader: a file that names a refused global (a
-    whole model saved with torch.save(model), or worse) is refused with exit 1 and nothing
-    is written. --to safetensors and --to hf need a flat state dict (names to tensors); a
-    Lightning checkpoint's state_dict is taken from it. Tied weights are stored once and the
-    other names recorded as aliases. Files are replaced atomically.
+    error (exit 2). SRC is read with torchvault's restricted reader: a file that names a
+    refused global (a whole model saved with torch.save(model), or worse) is refused with
+    exit 1 and nothing is written. --to safetensors and --to hf need a flat state dict
+    (names to tensors); a Lightning checkpoint's state_dict is taken from it. With
+    --salvage, SRC is a whole model saved with torch.save(model): its weights are recovered
+    by name and converted, its classes listed; a file that calls a refused global
+    (os.system) is converted without it and a warning naming it is printed. Tied weights are
+    stored once and the other names recorded as aliases. Files are replaced atomically.
     """
     options: dict[str, Any] = {"to": args.to, "max_shard_size": args.max_shard_size}
     try:
@@ -210,13 +223,30 @@ def convert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         flags = str(exc).replace("max_shard_size=", "--max-shard-size ").replace("to=", "--to ")
         raise UsageError(flags) from None
-    with Progress(f"converting {args.source}") as progress, progress.ticking():
-        report = tv.convert(args.source, args.destination, **options)
+    with (
+        Progress(f"converting {args.source}") as progress,
+        progress.ticking(),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", UserWarning)  # the report's unsafe field says it once
+        report = tv.convert(args.source, args.destination, salvage=args.salvage, **options)
+    if report.unsafe:
+        print(f"torchvault: warning: {salvage_warning(report)}", file=sys.stderr)
     if args.json:
         print_json(convert_json(report))
     else:
         print(convert_text(report))
     return ExitCode.OK
+
+
+def salvage_warning(report: ConvertReport) -> str:
+    """The line that says a salvaged file calls refused globals."""
+    names = ", ".join(one_line(name) for name in report.unsafe)
+    return (
+        f"UNSAFE: {one_line(report.source)} calls {names}, which torch.load(weights_only=False) "
+        "would run; nothing was run and only the weights were converted. Do not torch.load "
+        "this file"
+    )
 
 
 def convert_text(report: ConvertReport) -> str:
@@ -229,6 +259,8 @@ def convert_text(report: ConvertReport) -> str:
         f"{'' if len(report.files) == 1 else 's'}",
         *(f"  {one_line(path)}" for path in report.files),
     ]
+    if report.classes:
+        lines.append("salvaged from: " + ", ".join(one_line(name) for name in report.classes))
     if report.aliases:
         lines.append(f"aliases ({len(report.aliases)}, stored once under another name):")
         lines += [f"  {one_line(name)} -> {one_line(kept)}" for name, kept in report.aliases]

@@ -10,6 +10,7 @@ overlap are written as separate copies. Nothing is silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections import OrderedDict
@@ -56,6 +57,7 @@ def convert(
     *,
     to: Target | None = None,
     max_shard_size: int | str | None = None,
+    salvage: bool = False,
 ) -> ConvertReport:
     """Rewrite a checkpoint in another format, reading it without running any code.
 
@@ -77,6 +79,10 @@ def convert(
             ``state_dict`` is taken from it). ``None``: from the destination's suffix.
         max_shard_size: the largest shard of a Hugging Face folder: bytes, or a string like
             ``"500MB"`` or ``"2GiB"`` (default ``"5GB"``). Only for that target.
+        salvage: ``source`` is a whole model saved with ``torch.save(model)``: convert the
+            state dict :func:`load_legacy` recovers from it with ``salvage=True`` (its
+            classes and any global it would call are in the report; a file that calls one
+            also warns).
 
     Returns:
         A :class:`ConvertReport` of tensors, bytes, aliases and files written.
@@ -92,8 +98,19 @@ def convert(
         >>> tv.convert("model.tv", "model.pt")  # torch.load(..., weights_only=True) reads it
     """
     target = resolve_target(destination, to=to, max_shard_size=max_shard_size)
-    obj = load(source)
     src, dst = os.fspath(source), Path(destination)
+    if salvage:
+        from . import load_legacy  # the package imports this module
+
+        salvaged = load_legacy(source, salvage=True)
+        report = _convert(salvaged.state_dict, src, dst, target, max_shard_size)
+        return dataclasses.replace(report, classes=salvaged.classes, unsafe=salvaged.unsafe)
+    return _convert(load(source), src, dst, target, max_shard_size)
+
+
+def _convert(
+    obj: object, src: str, dst: Path, target: str, max_shard_size: int | str | None
+) -> ConvertReport:
     if target in ("torchvault", "torch"):
         if target == "torchvault":
             save(obj, dst)
