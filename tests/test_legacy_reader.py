@@ -569,6 +569,50 @@ def test_scanning_a_folder_reads_every_checkpoint_by_content_at_any_depth(tmp_pa
     assert report.unsafe_globals == ("os.system",)
 
 
+def _payload_pickle(protocol: int, marker: Path) -> bytes:
+    """``posix.system("touch marker")`` as a binary pickle of ``protocol``, as DCP's pickle.dump
+    writes ``.metadata``: PROTO, GLOBAL, a string, TUPLE1, REDUCE, STOP."""
+    command = f"touch {marker}".encode()
+    return (
+        bytes([0x80, protocol]) + b"cposix\nsystem\n"
+        + b"X" + struct.pack("<I", len(command)) + command + b"\x85R."
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [".metadata", ".hidden.pt", "state", "rng_state"])
+def test_scanning_a_folder_reads_every_pickle_whatever_its_name(tmp_path: Path, name: str) -> None:
+    """A DCP folder: safe-looking tensor files, and a ``.metadata`` pickle that
+    torch.distributed.checkpoint loads with pickle.load."""
+    marker = tmp_path / "marker"
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    (tmp_path / name).write_bytes(_payload_pickle(4, marker))
+    report = tv.scan(tmp_path)
+    assert str(tmp_path / name) in report.files
+    assert not report.safe
+    assert "posix.system" in report.unsafe_globals
+    assert not marker.exists()
+
+
+def test_scanning_a_dcp_metadata_file_names_its_globals(tmp_path: Path) -> None:
+    path = tmp_path / ".metadata"
+    path.write_bytes(_payload_pickle(5, tmp_path / "marker"))
+    report = tv.scan(path)
+    assert report.unsafe_globals == ("posix.system",)
+    with pytest.raises(tv.UnsupportedFormatError, match=r"torch\.distributed\.checkpoint"):
+        tv.load_legacy(path)  # loading it stays refused
+
+
+def test_scanning_a_folder_skips_text_that_merely_starts_like_a_protocol_0_pickle(
+    tmp_path: Path,
+) -> None:
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    (tmp_path / "NOTES").write_text("I trained this for 3 epochs\n")
+    (tmp_path / ".gitignore").write_text("(build)\n")
+    report = tv.scan(tmp_path)
+    assert report.safe, report.anomalies
+    assert report.files == (str(tmp_path / "model.pt"),)
+
+
 def test_scanning_a_folder_without_checkpoints_vouches_for_nothing(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("no weights here")
     report = tv.scan(tmp_path)

@@ -304,12 +304,16 @@ def kind_of(head: bytes, size: int) -> str:
     return "unknown"
 
 
-def read(session: Session, data: mmap.mmap | bytes) -> object:
-    """The object in a torch.save file, unpickled by ``session``, finished."""
+def read(session: Session, data: mmap.mmap | bytes, *, scan: bool = False) -> object:
+    """The object in a torch.save file, unpickled by ``session``, finished.
+
+    ``scan``: the read only lists globals (a permissive session), so DCP's ``.metadata``,
+    which loading refuses, is read too.
+    """
     kind = sniff(data)
     if kind == "zip":
         return session.finish(_read_zip(session, ZipArchive(data, session.path)))
-    if kind == "pickle" and os.path.basename(session.path) == ".metadata":
+    if kind == "pickle" and os.path.basename(session.path) == ".metadata" and not scan:
         raise UnsupportedFormatError(
             f"{session.path}: is the metadata of a torch.distributed.checkpoint folder, a raw "
             "pickle that DCP itself loads with pickle.load (it can run code). torchvault does "
