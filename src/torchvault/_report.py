@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -330,6 +331,9 @@ class ExportReport:
         opset: the ONNX opset (None for programs).
         input_names: the graph's input names.
         output_names: the graph's output names.
+        torch_latency_iqr_ms: the interquartile range of the PyTorch model's latencies
+            (the middle half of the timed runs lies within it): the spread of the median.
+        runtime_latency_iqr_ms: the same for the exported artifact.
     """
 
     path: str
@@ -346,6 +350,8 @@ class ExportReport:
     opset: int | None = None
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    torch_latency_iqr_ms: float = math.nan
+    runtime_latency_iqr_ms: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -354,7 +360,8 @@ class QuantizationReport:
 
     Attributes:
         method: ``"int8-dynamic"`` or ``"int8-weight-only"``.
-        backend: the library that quantized (``"torchao"`` or ``"torch.ao"``).
+        backend: the library that quantized (``"torchao"`` or ``"torch.ao"``, which
+            ``backend="torch"`` chooses).
         modules: the names of the quantized modules.
         float_bytes: bytes of the float model's state saved as a torchvault file.
         quantized_bytes: bytes of the quantized model's state saved as a torchvault file.
@@ -363,6 +370,9 @@ class QuantizationReport:
         float_latency_ms: median latency of the float model on the sample inputs.
         quantized_latency_ms: median latency of the quantized model on the same inputs.
         samples: input sets compared.
+        float_latency_iqr_ms: the interquartile range of the float model's latencies (the
+            middle half of the timed runs lies within it).
+        quantized_latency_iqr_ms: the same for the quantized model.
     """
 
     method: str
@@ -375,6 +385,8 @@ class QuantizationReport:
     float_latency_ms: float
     quantized_latency_ms: float
     samples: int
+    float_latency_iqr_ms: float = math.nan
+    quantized_latency_iqr_ms: float = math.nan
 
 
 @dataclass(frozen=True)
