@@ -157,6 +157,26 @@ def test_unknown_suffix_without_to_lists_the_choices(good_tv: Path, tmp_path: Pa
 def test_unknown_to_lists_the_choices(good_tv: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"to='onnx'.*'tv', 'safetensors', 'hf', 'torch'"):
         tv.convert(good_tv, tmp_path / "out.tv", to="onnx")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"to=\['tv'\]"):
+        tv.convert(good_tv, tmp_path / "out.tv", to=["tv"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "named"),
+    [
+        ({"destination": 3}, TypeError, "`destination`"),
+        ({"source": None}, TypeError, "`source`"),
+        ({"max_shard_size": True}, TypeError, "max_shard_size"),
+        ({"max_shard_size": "12 parsecs"}, ValueError, "max_shard_size"),
+        ({"max_shard_size": 0}, ValueError, "max_shard_size"),
+    ],
+)
+def test_bad_arguments_name_themselves(
+    good_tv: Path, tmp_path: Path, arguments: dict[str, object], error: type, named: str
+) -> None:
+    call: dict[str, object] = {"source": good_tv, "destination": tmp_path / "hf", **arguments}
+    with pytest.raises(error, match=named):
+        tv.convert(**call)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------- the command line

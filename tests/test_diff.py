@@ -66,6 +66,8 @@ def test_diff_rejects_bad_arguments(pair: tuple[Path, Path]) -> None:
         tv.diff(a, b, atol="0.1")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`a`"):
         tv.diff(3, b)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`item`"):
+        tv.diff(a, b, item=["model"])  # type: ignore[arg-type]
 
 
 def test_cli_diff_of_a_damaged_file_exits_1_naming_it(

@@ -69,7 +69,8 @@ def diff(
         A :class:`DiffReport`; ``report.identical`` says whether anything differs.
 
     Raises:
-        TypeError: ``a`` or ``b`` is not a path, or ``atol`` is not a number.
+        TypeError: ``a`` or ``b`` is not a path, ``atol`` is not a number, or ``item`` is
+            not a str.
         ValueError: a negative or non-finite ``atol``; a ``RUN@STEP`` whose step is not a
             step.
         CheckpointNotFoundError: a side does not exist, or lacks the step or ``item``.
@@ -86,6 +87,8 @@ def diff(
         raise TypeError(f"`atol` must be a number >= 0, got {type(atol).__name__}")
     if not math.isfinite(atol) or atol < 0:
         raise ValueError(f"`atol` must be a finite number >= 0, got {atol!r}")
+    if item is not None and not isinstance(item, str):
+        raise TypeError(f"`item` must be an item name (a str) or None, got {type(item).__name__}")
     side_a, tree_a = open_side(os.fspath(a), item)
     side_b, tree_b = open_side(os.fspath(b), item)
     return diff_trees(side_a, tree_a, side_b, tree_b, atol=float(atol))

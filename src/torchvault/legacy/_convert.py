@@ -97,6 +97,9 @@ def convert(
         >>> tv.convert("pytorch_model.bin", "model-hf", max_shard_size="2GB")  # a folder
         >>> tv.convert("model.tv", "model.pt")  # torch.load(..., weights_only=True) reads it
     """
+    for name, value in (("source", source), ("destination", destination)):
+        if not isinstance(value, str | os.PathLike):
+            raise TypeError(f"`{name}` must be a path, got {type(value).__name__}")
     target = resolve_target(destination, to=to, max_shard_size=max_shard_size)
     src, dst = os.fspath(source), Path(destination)
     if salvage:
@@ -153,7 +156,7 @@ def resolve_target(
         ValueError: an unknown ``to``, a suffix that names no format (without ``to``), or a
             ``max_shard_size`` for a single-file target.
     """
-    if to is not None and to not in _NAMES:
+    if to is not None and (not isinstance(to, str) or to not in _NAMES):
         raise ValueError(f"to={to!r}: choose one of {', '.join(map(repr, TARGETS))}")
     target = _NAMES[to] if to is not None else _from_destination(Path(destination))
     if max_shard_size is not None:
@@ -251,9 +254,9 @@ def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
 
 def parse_size(size: int | str) -> int:
     """Bytes from ``500MB``, ``2GiB`` or an int."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
         return size
-    if isinstance(size, bool) or not isinstance(size, str):
+    if not isinstance(size, str):
         raise TypeError(f"max_shard_size={size!r}: use bytes or a size like '500MB' or '2GiB'")
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", size)
     unit = match and _UNITS.get(match.group(2).upper())
