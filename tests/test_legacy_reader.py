@@ -263,6 +263,7 @@ def test_a_refused_name_is_never_imported(tmp_path: Path) -> None:
     assert set(sys.modules) - before == set()
 
 
+@pytest.mark.filterwarnings("ignore:.*the pickle calls os.system:UserWarning")  # salvage says so
 def test_concurrent_loads_share_no_state(small_files: dict[str, Path], tmp_path: Path) -> None:
     """A salvage (permissive) read in one thread never makes a strict read in another
     accept a refused name: each call has its own table."""
