@@ -24,7 +24,7 @@ from typing import Any
 import torchvault as tv
 
 from .._run import StepRef
-from ._exit import ExitCode, one_line
+from ._exit import ExitCode, message_line, one_line
 from ._progress import Progress
 from ._render import inspect_json, inspect_text, verify_json, verify_text
 from ._runs import open_run, parse_source, resolve, step_info, verify_step
@@ -178,4 +178,4 @@ def _verify_run(args: argparse.Namespace, path: str, ref: StepRef | None) -> int
 def _failure(path: str, message: str) -> str:
     # torchvault's messages usually begin with the path already: do not say it twice.
     text = message if message.startswith(path) else f"{path}: {message}"
-    return one_line(text)
+    return message_line(text)
