@@ -25,8 +25,7 @@ import shlex
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from torch import nn
 
 from bench_file import Start, bench_parser, log, machine, parse_bench_args, publish
 from torchvault._report import QuantizationReport
-from torchvault.export import _compare, _quantize, load_quantized, quantize, save_quantized
+from torchvault.export import _compare, load_quantized, quantize, save_quantized
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -125,17 +124,6 @@ VARIANTS = [
 ]
 
 
-@contextmanager
-def backend(name: str) -> Iterator[None]:
-    """Make tv.quantize pick ``name``; it otherwise picks torchao whenever it is installed."""
-    chosen = _quantize._choose_backend
-    _quantize._choose_backend = lambda method: name
-    try:
-        yield
-    finally:
-        _quantize._choose_backend = chosen
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -156,10 +144,13 @@ def quantize_all(subjects: list[Subject], batch: int) -> list[Quantized]:
         with torch.no_grad():
             scale = float(subject.model()(example).abs().max())
         for variant in VARIANTS:
-            with backend(variant.backend):
-                model, report = quantize(
-                    subject.model(), variant.method, example_inputs=example, samples=8
-                )
+            model, report = quantize(
+                subject.model(),
+                variant.method,
+                example_inputs=example,
+                samples=8,
+                backend=variant.backend,
+            )
             identical = round_trip(subject, model, example)
             out.append(Quantized(subject, variant, model, report, scale, identical))
             log(f"{subject.name} {variant.label}: quantized, round trip identical: {identical}")
@@ -211,7 +202,7 @@ def time_all(cases: list[Timing], runs: int, warmup: int, repeats: int) -> None:
     for round_ in range(warmup + runs):
         shift = round_ % len(cases)
         for case in cases[shift:] + cases[:shift]:
-            ms = _compare.median_ms(case.run, repeats=repeats, warmup=2)
+            ms = _compare.latency(case.run, repeats=repeats, warmup=2).median_ms
             if round_ >= warmup:
                 case.ms.append(ms)
         log(f"latency round {round_ + 1}/{warmup + runs} done")

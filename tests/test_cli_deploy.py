@@ -112,3 +112,101 @@ def test_bad_arguments_are_usage_or_not_found_errors(
 ) -> None:
     assert main(["export", "onnx", *arguments, str(project / "m.onnx")]) == code
     assert not (project / "m.onnx").exists()
+
+
+# ---------------------------------------------------------------------- mistakes and names
+
+
+@pytest.mark.parametrize("kind", ["onnx", "program"])
+def test_a_factory_that_does_not_exist_is_a_usage_error(
+    project: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["export", kind, "--model", "nope:make_model", "--input-shape", "2,16", "m.out"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert f"usage: torchvault export {kind}" in err
+    assert "--model 'nope:make_model': cannot import nope" in err
+    assert "internal error" not in err
+
+
+def test_a_factory_that_raises_is_a_usage_error_naming_it(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "broken_nets.py").write_text("def make():\n    raise RuntimeError('no GPU')\n")
+    code = main(["quantize", "--model", "broken_nets:make", "--input-shape", "2,16", "q.tv"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert "--model 'broken_nets:make' raised RuntimeError: no GPU" in err
+
+
+@pytest.mark.parametrize("command", [["export", "onnx"], ["export", "program"], ["quantize"]])
+def test_a_wrong_input_shape_is_one_line_and_a_usage_error(
+    project: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = project / "m.out"
+    code = main([*command, "--model", "nets_for_cli_test:mlp", "--input-shape", "2,15", str(out)])
+    stdout, err = capsys.readouterr()
+    assert (code, stdout) == (2, "")
+    message = err.splitlines()[-1]
+    assert message.startswith(f"torchvault {' '.join(command)}: error: --input-shape 2,15: ")
+    assert "Traceback" not in err
+    assert err.count("error:") == 1  # the usage lines, then the one message
+    assert not out.exists()
+
+
+def test_a_multi_line_error_message_prints_as_one_line_without_literal_escapes(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.save({"0.weight": torch.zeros(3, 3)}, project / "other.pt")
+    code = main(["export", "onnx", *MODEL, "--checkpoint", "other.pt", str(project / "m.onnx")])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert len(err.splitlines()) == 1
+    assert "\\n" not in err
+    assert "missing" in err
+
+
+def test_help_names_the_export_commands_as_the_readme_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    assert "export onnx" in listing
+    assert "export program" in listing
+    assert "export-onnx" not in listing
+    assert "export-program" not in listing
+    assert main(["export", "onnx", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: torchvault export onnx ")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "torchvault export onnx|program --model" in readme
+    assert "torchvault export onnx|program --model" in (tv.cli.__doc__ or "")
+
+
+def test_the_hyphenated_names_stay_as_aliases(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = project / "m.pt2"
+    assert main(["export-program", *MODEL, "--checkpoint", "trained.tv", str(out)]) == 0
+    assert out.exists()
+
+
+def test_quantize_backend_flag_and_latency_spread(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = project / "q.tv"
+    code = main(["quantize", *MODEL, "--backend", "torch", "--json", str(out)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == "torch.ao"
+    assert report["quantized_latency_iqr_ms"] >= 0
+    code = main(["quantize", *MODEL, "--backend", "torch", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    line = next(row for row in text.splitlines() if row.startswith("quantized_latency_ms"))
+    assert "ms (IQR " in line
+    assert "quantized_latency_iqr_ms" not in text
+    code = main(
+        ["quantize", *MODEL, "--backend", "torch", "--method", "int8-weight-only", str(out)]
+    )
+    assert code == 2
+    assert "backend" in capsys.readouterr().err

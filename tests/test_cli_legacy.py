@@ -340,6 +340,7 @@ def test_convert_json_has_the_report_fields(
     assert json.loads(out) == {
         "source": str(state_file), "destination": str(out_path), "format": "torchvault",
         "tensors": 2, "bytes": 32, "aliases": {}, "files": [str(out_path)],
+        "classes": [], "unsafe": [],
     }  # fmt: skip
     assert torch.equal(tv.load(out_path)["weight"], linear().weight.detach())
 
@@ -356,6 +357,42 @@ def test_convert_whole_model_exits_1_naming_the_class_and_writes_nothing(
     assert err.startswith(f"torchvault: error: {model_file}: ")
     assert "torch.nn.modules.linear.Linear" in err
     assert not out_path.exists()
+
+
+class _Payload:
+    """Pickles as a call of os.system; torch.save writes it without running anything."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_convert_salvage_of_a_whole_model_lists_its_classes(
+    model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = tmp_path / "weights.safetensors"
+    code, out, err = run_main(["convert", "--salvage", str(model_file), str(out_path)], capsys)
+    assert (code, err) == (0, "")
+    assert "salvaged from: torch.nn.modules.linear.Linear" in out
+    assert set(load_file(out_path)) == {"weight", "bias"}
+
+
+def test_convert_salvage_warns_that_the_file_calls_os_system(
+    marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "hooked.pt"
+    torch.save({"model": linear(), "hook": _Payload(marker)}, source)
+    out_path = tmp_path / "weights.tv"
+    code, out, err = run_main(["convert", "--salvage", str(source), str(out_path)], capsys)
+    assert code == 0
+    assert err.startswith(f"torchvault: warning: UNSAFE: {source} calls posix.system, ")
+    assert len(err.splitlines()) == 1
+    assert not marker.exists()
+    assert set(tv.load(out_path)) == {"model.weight", "model.bias"}
+    code, out, _ = run_main(["convert", "--salvage", "--json", str(source), str(out_path)], capsys)
+    assert json.loads(out)["unsafe"] == ["posix.system"]
 
 
 def test_convert_payload_exits_1_without_running_it(
@@ -388,7 +425,7 @@ def test_convert_nested_state_to_safetensors_exits_1(
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--max-shard-size", "1MB"],  # not --to hf
+        ["--to", "safetensors", "--max-shard-size", "1MB"],  # not a folder
         ["--to", "hf", "--max-shard-size", "12 parsecs"],
         ["--to", "hf", "--max-shard-size", "0"],
         ["--to", "onnx"],
@@ -418,4 +455,4 @@ def test_help_and_module_docstring_document_scan_and_convert(
     assert "REFUSED" in out
     doc = torchvault.cli.__doc__ or ""
     assert "torchvault scan PATH... [--json]" in doc
-    assert "torchvault convert SRC DST [--to torchvault|safetensors|hf]" in doc
+    assert "torchvault convert SRC DST [--to tv|safetensors|hf|torch]" in doc

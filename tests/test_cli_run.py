@@ -16,7 +16,8 @@ from torch import nn
 
 import torchvault as tv
 import torchvault.cli
-from torchvault.cli import _diff, _progress, main
+from torchvault import _diff
+from torchvault.cli import _progress, main
 from torchvault.cli._render import human_bytes
 from torchvault.cli._runs import parse_source
 
@@ -144,6 +145,83 @@ def test_ls_of_something_that_is_not_a_run_fails_with_one_line(
     assert len(err.splitlines()) == 1
     if what == "folder":
         assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]  # nothing created
+
+
+# ---------------------------------------------------------------------- verify and inspect
+
+
+def damage_weight_of(run: Path, fill: float) -> Path:
+    """Flip a bit of the object holding the model weight filled with ``fill``."""
+    wanted = torch.full((2, 3), fill).numpy().tobytes()
+    obj = next(p for p in (run / "objects").rglob("*") if p.is_file() and p.read_bytes() == wanted)
+    data = bytearray(wanted)
+    data[0] ^= 0x01
+    obj.write_bytes(bytes(data))
+    return obj
+
+
+def test_verify_run_checks_every_step(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["verify", str(run)], capsys)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines[:4]] == [f"OK  {run}@{s}" for s in STEPS]
+    assert all("checksums match" in line for line in lines[:4])
+    assert lines[4] == f"{run}: 4 checkpoints verified, all 4 OK"
+
+
+def test_verify_run_with_a_damaged_object_fails_that_step(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damage_weight_of(run, 2.0)  # the weight of the third save, step 20
+    code, out, err = run_main(["verify", str(run)], capsys)
+    assert code == 1
+    assert [line.split(":")[0] for line in out.splitlines()[:3]] == [
+        f"OK  {run}@{s}" for s in (0, 10, 30)
+    ]
+    assert out.splitlines()[-1] == f"{run}: 4 checkpoints verified, 1 of 4 damaged"
+    assert err.startswith(f"FAILED {run}@20: ")
+    assert "checksum" in err
+    assert len(err.splitlines()) == 1
+    code, out, _ = run_main(["verify", "--json", str(run)], capsys)
+    result = json.loads(out)
+    assert (code, result["ok"]) == (1, False)
+    assert [(r["step"], r["ok"]) for r in result["steps"]] == [
+        (0, True), (10, True), (20, False), (30, True)
+    ]  # fmt: skip
+
+
+def test_verify_run_at_step_checks_that_step_only(
+    run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damage_weight_of(run, 2.0)
+    code, out, err = run_main(["verify", f"{run}@10"], capsys)
+    assert (code, err) == (0, "")
+    assert out.startswith(f"OK  {run}@10: 2 tensors")
+    assert len(out.splitlines()) == 1
+    code, out, err = run_main(["verify", f"{run}@20"], capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"FAILED {run}@20: ")
+    code, _, err = run_main(["verify", f"{run}@99"], capsys)
+    assert code == 3
+    assert "step 99 is not committed" in err
+
+
+def test_inspect_run_at_step_lists_the_items_tensors(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(["inspect", "--json", f"{run}@best"], capsys)
+    assert (code, err) == (0, "")
+    shown = json.loads(out)
+    assert shown["path"] == f"{run}@10"
+    exported = tmp_path / "step10.tv"
+    assert run_main(["export", str(run), "--step", "10", str(exported)], capsys)[0] == 0
+    capsys.readouterr()
+    as_file = json.loads(run_main(["inspect", "--json", str(exported)], capsys)[1])
+    assert shown["tensors"] == as_file["tensors"]  # the same keys, dtypes and shapes
+    assert [t["key"] for t in shown["tensors"]] == ["model.weight", "model.bias"]
+    code, out, _ = run_main(["inspect", str(run)], capsys)  # a bare run: its latest step
+    assert code == 0
+    assert "model.weight  float32  [2, 3]" in out
 
 
 # ---------------------------------------------------------------------- diff

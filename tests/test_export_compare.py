@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from torchvault.export import _compare
@@ -45,3 +46,25 @@ def test_a_nan_in_only_one_output_or_another_shape_is_a_mismatch() -> None:
 def test_outputs_are_flattened_in_order() -> None:
     a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     assert _compare.outputs_of({"x": a, "y": (b, [c])}) == [a, b, c]
+
+
+def test_latency_is_the_median_and_interquartile_range_of_the_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a fake clock: the n-th timed call takes n ms (1..8), whatever the machine does
+    durations = iter([0.0] * 2 + [float(n) for n in range(1, 9)])
+    now = [0.0]
+    calls: list[int] = []
+
+    def clock() -> float:
+        return now[0]
+
+    def run() -> None:
+        calls.append(1)
+        now[0] += next(durations) / 1000.0
+
+    monkeypatch.setattr(_compare.time, "perf_counter", clock)
+    result = _compare.latency(run, repeats=8, warmup=2)
+    assert len(calls) == 10
+    assert result.median_ms == pytest.approx(4.5)
+    assert result.iqr_ms == pytest.approx(6.25 - 2.75)  # the inclusive quartiles of 1..8

@@ -164,6 +164,8 @@ def test_each_model_exports_with_a_report_of_what_was_compared(
     assert report.opset is None
     assert report.torch_latency_ms > 0
     assert report.runtime_latency_ms > 0
+    assert report.torch_latency_iqr_ms >= 0
+    assert report.runtime_latency_iqr_ms >= 0
     assert len(report.input_names) == len(CASES[name].inputs(1))
 
 
@@ -254,6 +256,7 @@ def test_validate_false_writes_a_loadable_file_and_reports_nothing_measured(
     assert report.batch_sizes == ()
     assert math.isnan(report.max_abs_diff)
     assert math.isnan(report.runtime_latency_ms)
+    assert math.isnan(report.runtime_latency_iqr_ms)
     assert load_program(tmp_path / "m.pt2")(torch.randn(2, 8)).shape == (2, 4)
 
 

@@ -18,6 +18,7 @@ import struct
 import sys
 import tarfile
 import threading
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -262,6 +263,7 @@ def test_a_refused_name_is_never_imported(tmp_path: Path) -> None:
     assert set(sys.modules) - before == set()
 
 
+@pytest.mark.filterwarnings("ignore:.*the pickle calls os.system:UserWarning")  # salvage says so
 def test_concurrent_loads_share_no_state(small_files: dict[str, Path], tmp_path: Path) -> None:
     """A salvage (permissive) read in one thread never makes a strict read in another
     accept a refused name: each call has its own table."""
@@ -383,6 +385,41 @@ def test_salvage_recovers_the_state_dict_of_a_pickled_model(tmp_path: Path) -> N
     assert all(torch.equal(report.state_dict[k], v) for k, v in expected.items())  # type: ignore[arg-type]
     assert f"{__name__}._Net" in report.classes
     assert "torch.nn.modules.conv.Conv2d" in report.classes
+
+
+class _Payload:
+    """Pickles as a call of os.system; torch.save writes it without running anything."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_salvage_of_a_clean_model_is_safe_and_silent(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(_Net(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = tv.load_legacy(path, salvage=True)
+    assert report.safe
+    assert report.unsafe == ()
+
+
+def test_salvage_of_a_file_that_calls_unsafe_globals_says_so(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "model.pt"
+    torch.save({"model": _Net(), "hook": _Payload(marker)}, path)
+    with pytest.warns(UserWarning, match=r"model\.pt.*posix\.system") as caught:
+        report = tv.load_legacy(path, salvage=True)
+    assert len(caught) == 1
+    assert not marker.exists()
+    assert not report.safe
+    assert report.unsafe == ("posix.system",)
+    assert "posix.system" not in report.classes
+    assert f"{__name__}._Net" in report.classes
+    assert set(report.state_dict) == {f"model.{k}" for k in _Net().state_dict()}
 
 
 # -- model folders and convert ---------------------------------------------------------------
@@ -531,6 +568,50 @@ def test_scanning_a_folder_reads_every_checkpoint_by_content_at_any_depth(tmp_pa
         os.path.join("sub", "weights.data"),
     ]
     assert report.unsafe_globals == ("os.system",)
+
+
+def _payload_pickle(protocol: int, marker: Path) -> bytes:
+    """``posix.system("touch marker")`` as a binary pickle of ``protocol``, as DCP's pickle.dump
+    writes ``.metadata``: PROTO, GLOBAL, a string, TUPLE1, REDUCE, STOP."""
+    command = f"touch {marker}".encode()
+    return (
+        bytes([0x80, protocol]) + b"cposix\nsystem\n"
+        + b"X" + struct.pack("<I", len(command)) + command + b"\x85R."
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [".metadata", ".hidden.pt", "state", "rng_state"])
+def test_scanning_a_folder_reads_every_pickle_whatever_its_name(tmp_path: Path, name: str) -> None:
+    """A DCP folder: safe-looking tensor files, and a ``.metadata`` pickle that
+    torch.distributed.checkpoint loads with pickle.load."""
+    marker = tmp_path / "marker"
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    (tmp_path / name).write_bytes(_payload_pickle(4, marker))
+    report = tv.scan(tmp_path)
+    assert str(tmp_path / name) in report.files
+    assert not report.safe
+    assert "posix.system" in report.unsafe_globals
+    assert not marker.exists()
+
+
+def test_scanning_a_dcp_metadata_file_names_its_globals(tmp_path: Path) -> None:
+    path = tmp_path / ".metadata"
+    path.write_bytes(_payload_pickle(5, tmp_path / "marker"))
+    report = tv.scan(path)
+    assert report.unsafe_globals == ("posix.system",)
+    with pytest.raises(tv.UnsupportedFormatError, match=r"torch\.distributed\.checkpoint"):
+        tv.load_legacy(path)  # loading it stays refused
+
+
+def test_scanning_a_folder_skips_text_that_merely_starts_like_a_protocol_0_pickle(
+    tmp_path: Path,
+) -> None:
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    (tmp_path / "NOTES").write_text("I trained this for 3 epochs\n")
+    (tmp_path / ".gitignore").write_text("(build)\n")
+    report = tv.scan(tmp_path)
+    assert report.safe, report.anomalies
+    assert report.files == (str(tmp_path / "model.pt"),)
 
 
 def test_scanning_a_folder_without_checkpoints_vouches_for_nothing(tmp_path: Path) -> None:

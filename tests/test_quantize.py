@@ -457,3 +457,53 @@ def test_load_into_a_model_quantized_another_way_is_a_mismatch(tmp_path: Path) -
     other, _ = quantize(mlp(), "int8-dynamic")
     with pytest.raises(tv.StateDictMismatchError, match="int8-weight-only"):
         tv.load_into(other, tmp_path / "q.tv")
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+@pytest.mark.parametrize(("backend", "recorded"), [("torchao", "torchao"), ("torch", "torch.ao")])
+def test_backend_chooses_the_library(backend: str, recorded: str, tmp_path: Path) -> None:
+    model, inputs = mlp(), mlp_input()
+    quantized, report = quantize(model, example_inputs=inputs, samples=1, backend=backend)
+    assert report.backend == recorded
+    assert report.modules == MLP_LINEARS
+    save_quantized(quantized, tmp_path / "q.tv")
+    assert tv.inspect(tmp_path / "q.tv").metadata["quantization.backend"] == recorded
+
+
+def test_torch_backend_is_chosen_even_where_torchao_is_installed() -> None:
+    quantized, _ = quantize(mlp(), backend="torch")
+    assert _quantize_backends._quantized_modules(quantized, "torch.ao") == MLP_LINEARS
+    assert not _quantize_backends._torchao_weights(quantized)
+
+
+@pytest.mark.parametrize(
+    ("method", "backend", "message"),
+    [
+        ("int8-weight-only", "torch", r"backend='torch'.*int8-weight-only.*'torchao'"),
+        ("int8-dynamic", "onnxruntime", r"backend='onnxruntime'.*'torchao', 'torch'"),
+    ],
+)
+def test_an_unsupported_backend_is_a_value_error_naming_the_choices(
+    method: str, backend: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        quantize(mlp(), method, backend=backend)
+
+
+def test_an_unavailable_backend_is_a_value_error_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    without_torchao(monkeypatch)
+    with pytest.raises(ValueError, match=r"backend='torchao'.*torchvault\[quantize\]"):
+        quantize(mlp(), backend="torchao")
+
+
+def test_latencies_carry_their_interquartile_range() -> None:
+    _, report = quantize(mlp(), example_inputs=mlp_input(), samples=1)
+    assert report.float_latency_iqr_ms >= 0
+    assert report.quantized_latency_iqr_ms >= 0
+    _, report = quantize(mlp())
+    assert math.isnan(report.float_latency_iqr_ms)
+    assert math.isnan(report.quantized_latency_iqr_ms)

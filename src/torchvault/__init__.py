@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from . import retention
+from ._diff import diff
 from ._file import inspect, load, save, verify
 from ._load_into import load_into
 from ._manager import CheckpointManager
@@ -15,6 +16,10 @@ from ._report import (
     CheckpointInfo,
     CheckpointSummary,
     ConvertReport,
+    DiffChange,
+    DiffLeaf,
+    DiffReport,
+    DiffSide,
     DtypeCast,
     ExportReport,
     GlobalRef,
@@ -63,6 +68,10 @@ __all__ = [
     "CheckpointWriteError",
     "ConvertReport",
     "CorruptCheckpointError",
+    "DiffChange",
+    "DiffLeaf",
+    "DiffReport",
+    "DiffSide",
     "DtypeCast",
     "ExportError",
     "ExportMismatchError",
@@ -88,6 +97,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "convert",
+    "diff",
     "export_onnx",
     "export_program",
     "inspect",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -264,12 +265,22 @@ class SalvageReport:
     Attributes:
         path: the file read.
         state_dict: every tensor by its dotted state-dict name.
-        classes: the classes (``module.QualName``) the file referred to; none was imported.
+        classes: the classes (``module.QualName``) the file instantiates (the model's own);
+            none was imported.
+        unsafe: the refused globals the file *calls* with its own arguments (``posix.system``):
+            ``torch.load(weights_only=False)`` would have run them. Nothing was run here, but
+            such a file was crafted or is not what it claims to be; a warning says so.
     """
 
     path: str
     state_dict: dict[str, object]
     classes: tuple[str, ...]
+    unsafe: tuple[str, ...] = ()
+
+    @property
+    def safe(self) -> bool:
+        """True when the file calls no refused global (only classes were refused)."""
+        return not self.unsafe
 
 
 @dataclass(frozen=True)
@@ -279,11 +290,14 @@ class ConvertReport:
     Attributes:
         source: the file or folder read.
         destination: the file or folder written.
-        format: ``"torchvault"``, ``"safetensors"`` or ``"hf"``.
+        format: ``"torchvault"``, ``"safetensors"``, ``"hf"`` or ``"torch"``.
         tensors: tensors written (aliases of one storage count once).
         bytes: tensor bytes written.
         aliases: ``(name, stored_as)`` pairs for tensors stored once under another name.
         files: the files written.
+        classes: with ``salvage=True``, the model classes the source instantiates.
+        unsafe: with ``salvage=True``, the refused globals the source calls (see
+            :class:`SalvageReport`).
     """
 
     source: str
@@ -293,6 +307,8 @@ class ConvertReport:
     bytes: int
     aliases: tuple[tuple[str, str], ...] = ()
     files: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+    unsafe: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -315,6 +331,9 @@ class ExportReport:
         opset: the ONNX opset (None for programs).
         input_names: the graph's input names.
         output_names: the graph's output names.
+        torch_latency_iqr_ms: the interquartile range of the PyTorch model's latencies
+            (the middle half of the timed runs lies within it): the spread of the median.
+        runtime_latency_iqr_ms: the same for the exported artifact.
     """
 
     path: str
@@ -331,6 +350,8 @@ class ExportReport:
     opset: int | None = None
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    torch_latency_iqr_ms: float = math.nan
+    runtime_latency_iqr_ms: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -339,7 +360,8 @@ class QuantizationReport:
 
     Attributes:
         method: ``"int8-dynamic"`` or ``"int8-weight-only"``.
-        backend: the library that quantized (``"torchao"`` or ``"torch.ao"``).
+        backend: the library that quantized (``"torchao"`` or ``"torch.ao"``, which
+            ``backend="torch"`` chooses).
         modules: the names of the quantized modules.
         float_bytes: bytes of the float model's state saved as a torchvault file.
         quantized_bytes: bytes of the quantized model's state saved as a torchvault file.
@@ -348,6 +370,9 @@ class QuantizationReport:
         float_latency_ms: median latency of the float model on the sample inputs.
         quantized_latency_ms: median latency of the quantized model on the same inputs.
         samples: input sets compared.
+        float_latency_iqr_ms: the interquartile range of the float model's latencies (the
+            middle half of the timed runs lies within it).
+        quantized_latency_iqr_ms: the same for the quantized model.
     """
 
     method: str
@@ -360,3 +385,100 @@ class QuantizationReport:
     float_latency_ms: float
     quantized_latency_ms: float
     samples: int
+    float_latency_iqr_ms: float = math.nan
+    quantized_latency_iqr_ms: float = math.nan
+
+
+@dataclass(frozen=True)
+class DiffSide:
+    """One side of :func:`torchvault.diff`: a checkpoint file, or one checkpoint of a run.
+
+    Attributes:
+        source: the operand as given (``"model.tv"``, ``"runs/exp1@best"``).
+        kind: ``"file"`` or ``"run"``.
+        path: the file, folder or run folder read.
+        step: the run's step compared (``None`` for a file).
+    """
+
+    source: str
+    kind: str
+    path: str
+    step: int | None = None
+
+    def label(self) -> str:
+        """``model.tv``, or ``runs/exp1@best (step 30)``."""
+        return self.source if self.step is None else f"{self.source} (step {self.step})"
+
+
+@dataclass(frozen=True)
+class DiffLeaf:
+    """One leaf of a compared tree, described.
+
+    Attributes:
+        kind: ``"tensor"``, ``"array"`` (numpy) or ``"value"``.
+        dtype: for tensors and arrays.
+        shape: for tensors and arrays.
+        nbytes: bytes of tensor or array data.
+        text: for values, their ``repr``, shortened.
+    """
+
+    kind: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    nbytes: int = 0
+    text: str = ""
+
+    def describe(self) -> str:
+        """``float32 [2, 3]`` or the value's shortened ``repr``."""
+        if self.kind == "value":
+            return self.text
+        return f"{self.dtype} [{', '.join(str(n) for n in self.shape or ())}]"
+
+
+@dataclass(frozen=True)
+class DiffChange:
+    """A key whose leaf differs between the two sides.
+
+    Attributes:
+        key: the dotted path of the leaf.
+        a: the leaf in A.
+        b: the leaf in B.
+        reason: ``"values"``, ``"dtype"``, ``"shape"``, ``"dtype, shape"``, ``"type"`` (a
+            tensor against a value) or ``"value"`` (two values not ``==``).
+        max_abs_diff: for ``"values"``, the largest absolute difference (NaN where one side
+            has a NaN the other has not); ``None`` for bit-compared dtypes and other reasons.
+    """
+
+    key: str
+    a: DiffLeaf
+    b: DiffLeaf
+    reason: str
+    max_abs_diff: float | None = None
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """What :func:`torchvault.diff` found between two verified checkpoints.
+
+    Attributes:
+        a: the first side.
+        b: the second side.
+        atol: tensor values within this absolute difference counted as unchanged.
+        changed: keys in both whose leaves differ, in A's order.
+        added: keys only B has, with their leaves.
+        removed: keys only A has, with their leaves.
+        unchanged: keys in both whose leaves are equal (within ``atol``).
+    """
+
+    a: DiffSide
+    b: DiffSide
+    atol: float
+    changed: tuple[DiffChange, ...] = ()
+    added: tuple[tuple[str, DiffLeaf], ...] = ()
+    removed: tuple[tuple[str, DiffLeaf], ...] = ()
+    unchanged: int = 0
+
+    @property
+    def identical(self) -> bool:
+        """True when nothing was added, removed or changed."""
+        return not (self.added or self.removed or self.changed)

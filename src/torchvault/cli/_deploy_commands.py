@@ -30,12 +30,16 @@ from .. import _run
 from .._load_into import load_into
 from .._report import ExportReport, QuantizationReport
 from ..errors import CheckpointNotFoundError
+from ..export._pt2 import first_line
+from ..export._quantize_backends import chosen_backend
 from ._commands import JSON, Argument, command, print_json
 from ._exit import ExitCode, UsageError, one_line
 from ._progress import Progress
 from ._runs import open_run, resolve, step_argument
 
 DEPLOY_EXPORTS = {"onnx": "export-onnx", "program": "export-program"}
+SPOKEN = {command: f"export {kind}" for kind, command in DEPLOY_EXPORTS.items()}
+"""The names users type (``export onnx``) of the commands routed from them."""
 
 
 def route(argv: Sequence[str]) -> list[str]:
@@ -129,23 +133,29 @@ QUANTIZE_ARGUMENTS = (
             "help": "the quantization (default: int8-dynamic)",
         },
     ),
+    Argument(
+        ("--backend",),
+        {
+            "choices": ("torchao", "torch"),
+            "default": None,
+            "help": "the library that quantizes (default: torchao where installed, else torch; "
+            "torch does int8-dynamic only)",
+        },
+    ),
     JSON,
 )
 
 
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    """The user's model with the checkpoint's weights, in eval mode, and example inputs."""
-    module_name, _, factory_name = args.model.partition(":")
-    if not module_name or not factory_name:
-        raise UsageError(f"--model {args.model!r}: write MODULE:FACTORY, e.g. nets:small_cnn")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    factory = getattr(importlib.import_module(module_name), factory_name, None)
-    if not callable(factory):
-        raise UsageError(f"--model {args.model!r}: {module_name} has no function {factory_name}")
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"--model {args.model!r} returned a {type(model).__name__}, not a module")
+    """The user's model with the checkpoint's weights, in eval mode, and example inputs it
+    was seen to run on.
+
+    Raises:
+        UsageError: the factory cannot be imported or called, does not return a module, or
+            the model cannot run on inputs of ``--input-shape`` and ``--input-dtype``: all
+            mistakes of the command line or the user's code, not of a checkpoint (exit 2).
+    """
+    model = _make_model(args.model)
     if args.checkpoint is not None:
         _load_weights(model, args)
     dtype = getattr(torch, args.input_dtype, None)
@@ -158,7 +168,51 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple[torch.
         else torch.randint(0, 2, shape, generator=generator).to(dtype)
         for shape in args.input_shape
     )
-    return model.eval(), inputs
+    model.eval()
+    _check_runs(model, inputs, args)
+    return model, inputs
+
+
+def _make_model(spec: str) -> torch.nn.Module:
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name:
+        raise UsageError(f"--model {spec!r}: write MODULE:FACTORY, e.g. nets:small_cnn")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module: missing, or failing as it is imported
+        raise UsageError(
+            f"--model {spec!r}: cannot import {module_name} ({first_line(exc)}); run from the "
+            "folder that holds it, or put it on PYTHONPATH"
+        ) from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"--model {spec!r}: {module_name} has no function {factory_name}")
+    try:
+        model = factory()
+    except Exception as exc:  # the user's code, not torchvault's: say whose it is
+        raise UsageError(f"--model {spec!r} raised {first_line(exc)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {spec!r} returned a {type(model).__name__}, not a module")
+    return model
+
+
+def _check_runs(
+    model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], args: argparse.Namespace
+) -> None:
+    """Run the model once on the example inputs: a shape or dtype it does not take is the
+    command line's mistake, said in one line before any exporter prints its own traces."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        shapes = " --input-shape ".join(",".join(map(str, shape)) for shape in args.input_shape)
+        raise UsageError(
+            f"--input-shape {shapes}: {args.model} cannot run on {args.input_dtype} inputs of "
+            f"this shape ({first_line(exc)}); pass the shape (and --input-dtype) of one real "
+            "input"
+        ) from None
 
 
 def _load_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
@@ -229,8 +283,12 @@ def quantize(args: argparse.Namespace) -> int:
     from ..export import save_quantized
 
     model, inputs = build_model(args)
+    try:
+        chosen_backend(args.method, args.backend)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("backend=", "--backend ")) from None
     with Progress(f"quantizing {args.model}") as progress, progress.ticking():
-        quantized, report = run(model, args.method, example_inputs=inputs)
+        quantized, report = run(model, args.method, example_inputs=inputs, backend=args.backend)
         save_quantized(quantized, args.out)
     _print(report, args.json)
     return ExitCode.OK
@@ -243,7 +301,23 @@ def _print(report: ExportReport | QuantizationReport, as_json: bool) -> None:
             {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in fields.items()}
         )
         return
-    width = max(len(k) for k in fields)
-    for key, value in fields.items():
-        shown = ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-        print(f"{key:<{width}}  {one_line(str(shown))}")
+    shown = {k: v for k, v in fields.items() if not k.endswith(_IQR)}
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
+        if key.endswith("_latency_ms"):
+            text = _latency_text(value, fields.get(key.removesuffix("_ms") + _IQR, math.nan))
+        elif isinstance(value, (tuple, list)):
+            text = ", ".join(map(str, value))
+        else:
+            text = str(value)
+        print(f"{key:<{width}}  {one_line(text)}")
+
+
+_IQR = "_iqr_ms"
+
+
+def _latency_text(median: float, iqr: float) -> str:
+    """``0.083 ms (IQR 0.004 ms)``: the median, and the spread of the runs around it."""
+    if math.isnan(median):
+        return "not measured"
+    return f"{median:.3f} ms (IQR {iqr:.3f} ms)"

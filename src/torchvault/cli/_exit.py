@@ -75,7 +75,20 @@ def describe(exc: Exception) -> str:
     if isinstance(exc, OSError) and not isinstance(exc, TorchVaultError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename is not None else ""
         return one_line(f"{where}{exc.strerror}")
-    return one_line(str(exc) or type(exc).__name__)
+    return message_line(str(exc) or type(exc).__name__)
+
+
+def message_line(text: str) -> str:
+    """A message written over several lines (a load report's list, say) as one line: its
+    lines joined with ``; `` (or a space after a ``:`` or ``.``), indentation dropped; other
+    control characters escaped as :func:`one_line` does."""
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = ""
+    for part in parts:
+        if joined:
+            joined += " " if joined.endswith((":", ".")) else "; "
+        joined += part
+    return one_line(joined)
 
 
 def one_line(text: str) -> str:

@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
+import warnings
 from typing import Any
 
 import torchvault as tv
 
 from .._report import ConvertReport, GlobalRef, ScanReport
 from ..errors import CheckpointNotFoundError
-from ..legacy._convert import parse_size
+from ..legacy._convert import parse_size, resolve_target
 from ._commands import JSON, Argument, command, print_json
 from ._exit import ExitCode, UsageError, one_line
 from ._progress import Progress
@@ -57,14 +59,19 @@ CONVERT_ARGUMENTS = (
     ),
     Argument(
         ("destination",),
-        {"metavar": "DST", "help": "the file (or, with --to hf, the folder) to write"},
+        {
+            "metavar": "DST",
+            "help": "the file or folder to write; its name chooses the format: .tv torchvault, "
+            ".safetensors safetensors, .pt/.pth/.bin torch.save (weights_only), a folder or a "
+            "name without suffix a Hugging Face folder",
+        },
     ),
     Argument(
         ("--to",),
         {
-            "choices": ("torchvault", "safetensors", "hf"),
-            "default": "torchvault",
-            "help": "the format to write (default: torchvault)",
+            "choices": ("tv", "torchvault", "safetensors", "hf", "torch"),
+            "default": None,
+            "help": "the format to write, whatever DST's name says",
         },
     ),
     Argument(
@@ -72,7 +79,16 @@ CONVERT_ARGUMENTS = (
         {
             "type": shard_size,
             "metavar": "SIZE",
-            "help": "with --to hf: the largest shard, e.g. 500MB or 2GiB (default: 5GB)",
+            "help": "for a Hugging Face folder: the largest shard, e.g. 500MB or 2GiB "
+            "(default: 5GB)",
+        },
+    ),
+    Argument(
+        ("--salvage",),
+        {
+            "action": "store_true",
+            "help": "SRC is a whole model saved with torch.save(model): convert the weights "
+            "recovered by name, without importing its classes",
         },
     ),
     JSON,
@@ -186,26 +202,51 @@ def scan_json(reports: list[ScanReport]) -> dict[str, Any]:
 
 @command("convert", arguments=CONVERT_ARGUMENTS)
 def convert(args: argparse.Namespace) -> int:
-    """Rewrite a checkpoint as torchvault, safetensors or a Hugging Face folder; run nothing.
+    """Rewrite a checkpoint as torchvault, safetensors, torch.save or a HF folder; run nothing.
 
-    SRC is read with torchvault's restricted reader: a file that names a refused global (a
-    whole model saved with torch.save(model), or worse) is refused with exit 1 and nothing
-    is written. --to safetensors and --to hf need a flat state dict (names to tensors); a
-    Lightning checkpoint's state_dict is taken from it. Tied weights are stored once and the
-    other names recorded as aliases. Files are replaced atomically.
+    DST's name chooses the format (--to overrides it): .tv a torchvault file, .safetensors a
+    plain safetensors file, .pt/.pth/.bin a torch.save file that
+    torch.load(weights_only=True) reads, a folder or a name without suffix a Hugging Face
+    folder. Another suffix without --to, or --max-shard-size for a single file, is a usage
+    error (exit 2). SRC is read with torchvault's restricted reader: a file that names a
+    refused global (a whole model saved with torch.save(model), or worse) is refused with
+    exit 1 and nothing is written. --to safetensors and --to hf need a flat state dict
+    (names to tensors); a Lightning checkpoint's state_dict is taken from it. With
+    --salvage, SRC is a whole model saved with torch.save(model): its weights are recovered
+    by name and converted, its classes listed; a file that calls a refused global
+    (os.system) is converted without it and a warning naming it is printed. Tied weights are
+    stored once and the other names recorded as aliases. Files are replaced atomically.
     """
-    options: dict[str, Any] = {"to": args.to}
-    if args.max_shard_size is not None:
-        if args.to != "hf":
-            raise UsageError("--max-shard-size applies only to --to hf")
-        options["max_shard_size"] = args.max_shard_size
-    with Progress(f"converting {args.source}") as progress, progress.ticking():
-        report = tv.convert(args.source, args.destination, **options)
+    options: dict[str, Any] = {"to": args.to, "max_shard_size": args.max_shard_size}
+    try:
+        resolve_target(args.destination, **options)
+    except ValueError as exc:
+        flags = str(exc).replace("max_shard_size=", "--max-shard-size ").replace("to=", "--to ")
+        raise UsageError(flags) from None
+    with (
+        Progress(f"converting {args.source}") as progress,
+        progress.ticking(),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", UserWarning)  # the report's unsafe field says it once
+        report = tv.convert(args.source, args.destination, salvage=args.salvage, **options)
+    if report.unsafe:
+        print(f"torchvault: warning: {salvage_warning(report)}", file=sys.stderr)
     if args.json:
         print_json(convert_json(report))
     else:
         print(convert_text(report))
     return ExitCode.OK
+
+
+def salvage_warning(report: ConvertReport) -> str:
+    """The line that says a salvaged file calls refused globals."""
+    names = ", ".join(one_line(name) for name in report.unsafe)
+    return (
+        f"UNSAFE: {one_line(report.source)} calls {names}, which torch.load(weights_only=False) "
+        "would run; nothing was run and only the weights were converted. Do not torch.load "
+        "this file"
+    )
 
 
 def convert_text(report: ConvertReport) -> str:
@@ -218,6 +259,8 @@ def convert_text(report: ConvertReport) -> str:
         f"{'' if len(report.files) == 1 else 's'}",
         *(f"  {one_line(path)}" for path in report.files),
     ]
+    if report.classes:
+        lines.append("salvaged from: " + ", ".join(one_line(name) for name in report.classes))
     if report.aliases:
         lines.append(f"aliases ({len(report.aliases)}, stored once under another name):")
         lines += [f"  {one_line(name)} -> {one_line(kept)}" for name, kept in report.aliases]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .._report import CheckpointInfo, CheckpointSummary, TensorInfo, VerifyReport
+from .._report import (
+    CheckpointInfo,
+    CheckpointSummary,
+    DiffLeaf,
+    DiffReport,
+    DiffSide,
+    TensorInfo,
+    VerifyReport,
+)
 from ._exit import one_line
-
-if TYPE_CHECKING:
-    from ._diff import TreeDiff
-    from ._runs import Source
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -216,15 +220,15 @@ def diff_number(value: float | None) -> str:
     return f"{value:.6g}"
 
 
-def diff_text(a: Source, b: Source, result: TreeDiff, atol: float) -> str:
+def diff_text(result: DiffReport) -> str:
     """The ``torchvault diff`` report."""
-    lines = [f"--- a: {one_line(a.label())}", f"+++ b: {one_line(b.label())}"]
+    lines = [f"--- a: {one_line(result.a.label())}", f"+++ b: {one_line(result.b.label())}"]
     if result.changed:
         rows = [
             [
                 one_line(c.key),
-                c.a.describe(),
-                c.b.describe(),
+                one_line(c.a.describe()),
+                one_line(c.b.describe()),
                 diff_number(c.max_abs_diff) if c.reason == "values" else f"{c.reason} differs",
             ]
             for c in result.changed
@@ -233,10 +237,10 @@ def diff_text(a: Source, b: Source, result: TreeDiff, atol: float) -> str:
         lines += _indent(table(["key", "a", "b", "max abs diff"], rows, right=set()))
     for title, side, leaves in (("added", "b", result.added), ("removed", "a", result.removed)):
         if leaves:
-            rows = [[one_line(key), leaf.describe()] for key, leaf in leaves]
+            rows = [[one_line(key), one_line(leaf.describe())] for key, leaf in leaves]
             lines += ["", f"{title} ({len(leaves)}):"]
             lines += _indent(table(["key", side], rows, right=set()))
-    within = f" (atol {atol:g})" if atol else ""
+    within = f" (atol {result.atol:g})" if result.atol else ""
     summary = (
         f"{len(result.changed)} changed{within}, {len(result.added)} added, "
         f"{len(result.removed)} removed, {result.unchanged} unchanged"
@@ -250,24 +254,34 @@ def _indent(lines: list[str]) -> list[str]:
     return [f"  {line}" for line in lines]
 
 
-def diff_json(a: Source, b: Source, result: TreeDiff, atol: float) -> dict[str, Any]:
+def _side_json(side: DiffSide) -> dict[str, Any]:
+    return {"source": side.source, "kind": side.kind, "path": side.path, "step": side.step}
+
+
+def _leaf_json(leaf: DiffLeaf) -> dict[str, Any]:
+    if leaf.kind == "value":
+        return {"kind": "value", "repr": leaf.text}
+    return {"kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape or ())}
+
+
+def diff_json(result: DiffReport) -> dict[str, Any]:
     """The ``torchvault diff --json`` object."""
     return {
-        "a": a.as_json(),
-        "b": b.as_json(),
-        "atol": atol,
+        "a": _side_json(result.a),
+        "b": _side_json(result.b),
+        "atol": result.atol,
         "identical": result.identical,
         "changed": [
             {
                 "key": c.key,
                 "reason": c.reason,
-                "a": c.a.as_json(),
-                "b": c.b.as_json(),
+                "a": _leaf_json(c.a),
+                "b": _leaf_json(c.b),
                 "max_abs_diff": None if c.max_abs_diff is None else json_number(c.max_abs_diff),
             }
             for c in result.changed
         ],
-        "added": [{"key": key, **leaf.as_json()} for key, leaf in result.added],
-        "removed": [{"key": key, **leaf.as_json()} for key, leaf in result.removed],
+        "added": [{"key": key, **_leaf_json(leaf)} for key, leaf in result.added],
+        "removed": [{"key": key, **_leaf_json(leaf)} for key, leaf in result.removed],
         "unchanged": result.unchanged,
     }

@@ -15,16 +15,15 @@ from typing import Any
 import torchvault as tv
 
 from .. import _run, retention
-from .._report import CheckpointSummary
+from .._diff import diff_trees, open_side
+from .._report import CheckpointSummary, DiffSide
 from .._store import RunStore, blobs_of
 from ..errors import CheckpointNotFoundError, RunLockedError
 from ._commands import JSON, Argument, command, print_json
-from ._diff import diff_trees
 from ._exit import ExitCode, UsageError, describe, one_line
 from ._progress import Progress
 from ._render import diff_json, diff_text, human_bytes, ls_json, ls_text
 from ._runs import (
-    Source,
     open_run,
     parse_source,
     positive_int,
@@ -123,33 +122,28 @@ def ls(args: argparse.Namespace) -> int:
 
 @command("diff", arguments=DIFF_ARGUMENTS)
 def diff(args: argparse.Namespace) -> int:
-    """Compare two checkpoints (files or RUN@STEP): tensors added, removed and changed."""
-    a, tree_a = _load_operand(args.a, args.item)
-    b, tree_b = _load_operand(args.b, args.item)
-    result = diff_trees(tree_a, tree_b, atol=args.atol, label="comparing")
+    """Compare two checkpoints (files or RUN@STEP): tensors added, removed and changed.
+
+    Both sides are verified first (every checksum of a file, every object of a run's
+    checkpoint): a damaged side exits 1 with a message naming it, and nothing is compared.
+    """
+    side_a, tree_a = _open_side(args.a, args.item)
+    side_b, tree_b = _open_side(args.b, args.item)
+    with Progress("comparing") as progress:
+        result = diff_trees(side_a, tree_a, side_b, tree_b, atol=args.atol, progress=progress)
     if args.json:
-        print_json(diff_json(a, b, result, args.atol))
+        print_json(diff_json(result))
     else:
-        print(diff_text(a, b, result, args.atol))
+        print(diff_text(result))
     if args.exit_code and not result.identical:
         return ExitCode.INVALID
     return ExitCode.OK
 
 
-def _load_operand(spec: str, item: str | None) -> tuple[Source, object]:
-    path, ref = parse_source(spec)
-    if ref is None:
-        return Source(spec, "file", path), tv.load(path, lazy=True)
-    store = open_run(path)
-    step = resolve(store, ref)
+def _open_side(spec: str, item: str | None) -> tuple[DiffSide, object]:
+    parse_source(spec)  # a malformed RUN@STEP is a usage error (exit 2)
     with Progress(f"reading {spec}") as progress, progress.ticking():
-        _, state = _run.load_tree(store, step, map_location="cpu")
-    items = state["items"]
-    if item is not None:
-        if item not in items:
-            raise CheckpointNotFoundError(_no_item(store, step, item, items), path=path)
-        items = items[item]
-    return Source(spec, "run", path, step), items
+        return open_side(spec, item)
 
 
 def _no_item(store: RunStore, step: int, item: str, items: Any) -> str:

@@ -1,5 +1,5 @@
 """Run folders on the command line: opening one for reading, step references, the
-``RUN@STEP`` syntax of ``diff``, and argument types.
+``RUN@STEP`` syntax (``diff``, ``verify``, ``inspect``), and argument types.
 
 Everything here reads only and takes no lock, so it works while a trainer writes the run.
 """
@@ -10,15 +10,17 @@ import argparse
 import contextlib
 import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .. import _run
-from .._report import CheckpointSummary
+import numpy as np
+import torch
+
+from .. import _run, _sources, _tree
+from .._report import CheckpointInfo, CheckpointSummary, TensorInfo, VerifyReport
 from .._run import StepRef
-from .._store import RUN_FILE, RunStore
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from .._store import RunStore, blobs_of
+from .._tensors import TensorTable
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ._exit import UsageError
 
 _RETRIES = 5  # listings retried when a concurrent prune deletes a checkpoint under them
@@ -33,26 +35,7 @@ def open_run(path: str | os.PathLike[str]) -> RunStore:
             by a newer torchvault.
         CorruptCheckpointError: the run's marker is damaged (exit 1).
     """
-    root = Path(path)
-    name = os.fspath(path)
-    if not root.exists():
-        raise CheckpointNotFoundError(
-            f"no run at {name}: the folder does not exist. Check the path.", path=name
-        )
-    if not root.is_dir():
-        raise UnsupportedFormatError(
-            f"{name} is a file, not a run folder; `torchvault inspect` reads checkpoint files.",
-            path=name,
-        )
-    store = RunStore(root)
-    if not store.exists():
-        raise UnsupportedFormatError(
-            f"{name} is not a torchvault run folder (it has no {RUN_FILE}); a run is the "
-            "folder given to tv.CheckpointManager.",
-            path=name,
-        )
-    store.check()
-    return store
+    return _sources.open_run(path)
 
 
 def summaries(store: RunStore) -> list[CheckpointSummary]:
@@ -79,12 +62,7 @@ def resolve(store: RunStore, ref: StepRef) -> int:
     Raises:
         CheckpointNotFoundError: no such step, or the run has no checkpoint yet.
     """
-    step = _run.resolve(store, ref)
-    if step is None:
-        raise CheckpointNotFoundError(
-            f"{store.root} has no checkpoint yet (no step {ref!r}).", path=store.root
-        )
-    return step
+    return _sources.resolve_step(store, ref)
 
 
 def recorded_best(store: RunStore) -> int | None:
@@ -97,52 +75,23 @@ def recorded_best(store: RunStore) -> int | None:
 # ---------------------------------------------------------------------- RUN@STEP
 
 
-@dataclass(frozen=True)
-class Source:
-    """One side of ``diff``: a checkpoint file, or one checkpoint of a run."""
-
-    spec: str
-    kind: str  # "file" or "run"
-    path: str
-    step: int | None = None
-
-    def label(self) -> str:
-        if self.kind == "file":
-            return self.spec
-        return f"{self.spec} (step {self.step})"
-
-    def as_json(self) -> dict[str, Any]:
-        return {"source": self.spec, "kind": self.kind, "path": self.path, "step": self.step}
-
-
 def parse_source(spec: str) -> tuple[str, StepRef | None]:
-    """Split a ``diff`` operand into a path and a step reference (``None`` for a file).
+    """Split an operand into a path and a step reference (``None`` for a file): ``RUN@STEP``
+    names a run's checkpoint (``STEP`` a number, ``latest`` or ``best``), a bare run folder
+    ``RUN@latest``; an existing file is a file even if its name has an ``@``.
 
-    An existing file is a file even if its name has an ``@``; ``RUN@STEP`` names a run's
-    checkpoint (``STEP`` a number, ``latest`` or ``best``); a bare run folder means
-    ``RUN@latest``; anything else is taken as a file path.
+    Raises:
+        UsageError: ``RUN@STEP`` of an existing folder whose ``STEP`` is not a step (exit 2).
     """
-    if os.path.isfile(spec):
-        return spec, None
-    if "@" in spec:
-        run, _, ref = spec.rpartition("@")
-        try:
-            return run, parse_step(ref)
-        except ValueError as exc:
-            if os.path.isdir(run):
-                raise UsageError(f"{spec!r}: {exc}") from None
-    if os.path.isdir(spec):
-        return spec, "latest"
-    return spec, None
+    try:
+        return _sources.parse_source(spec)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_step(text: str) -> StepRef:
     """``latest``, ``best`` or a step number."""
-    if text in ("latest", "best"):
-        return text  # type: ignore[return-value]
-    if text.isascii() and text.isdigit():
-        return int(text)
-    raise ValueError(f"{text!r} is not a step: use a step number, 'latest' or 'best'")
+    return _sources.parse_step(text)
 
 
 # ---------------------------------------------------------------------- argument types
@@ -176,3 +125,82 @@ def tolerance(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
     return value
+
+
+# ---------------------------------------------------------------------- verify and inspect
+
+
+class _Ref:
+    """A tensor leaf of a manifest's tree, described without reading its object."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def step_info(store: RunStore, step: int, label: str) -> CheckpointInfo:
+    """What checkpoint ``step`` of a run holds, as ``tv.inspect`` describes a file: its
+    items' tensors by dotted key (as ``torchvault export`` would write them), read from the
+    manifest alone (no object is read)."""
+    manifest = store.manifest(step)
+    path = str(store.manifest_path(step))
+    blobs = blobs_of(manifest, path)
+    entries = manifest.get("tensors")
+    if not isinstance(entries, list):
+        raise CorruptCheckpointError(f"{path}: its tensor table is missing.", path=path)
+    table = TensorTable(entries, tuple(b.entry() for b in blobs), _no_data, path)
+    try:
+        state = _tree.decode(manifest.get("tree"), _Ref)
+        items = state[_run.ITEMS] if isinstance(state, dict) else None
+        if not isinstance(items, dict):
+            raise CorruptCheckpointError("it holds no items")
+        tensors = []
+        for key, leaf in _tree.flatten(items):
+            if isinstance(leaf, _Ref):
+                dtype, shape, _, _ = table.describe(leaf.index)
+                nbytes = dtype.itemsize * math.prod(shape)
+                tensors.append(TensorInfo(key, str(dtype).removeprefix("torch."), shape, nbytes))
+    except CorruptCheckpointError as exc:
+        message = exc.message if exc.message.startswith(path) else f"{path}: {exc.message}"
+        raise CorruptCheckpointError(message, path=path, key=exc.key) from exc
+    metadata, versions = manifest.get("metadata"), manifest.get("versions")
+    created = manifest.get("created")
+    return CheckpointInfo(
+        path=label,
+        format="torchvault-run",
+        format_version=None,
+        tensors=tuple(tensors),
+        file_bytes=sum(blob.nbytes for blob in blobs),
+        metadata=_strings(metadata),
+        versions=_strings(versions),
+        created=created if isinstance(created, str) else None,
+    )
+
+
+def _no_data(entry: Any) -> Any:
+    # describe() validates entries without fetching; a fetch here would be a bug
+    raise CorruptCheckpointError(f"inspect reads no object (asked for {entry!r})")
+
+
+def _strings(value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def verify_step(store: RunStore, step: int, label: str) -> VerifyReport:
+    """Check checkpoint ``step`` completely: the manifest's seal, every object against its
+    hash, the tensor table and the tree.
+
+    Raises:
+        CorruptCheckpointError: naming the manifest or object that is damaged.
+        CheckpointNotFoundError: the step was pruned while it was read.
+    """
+    manifest, state = _run.load_tree(store, step, map_location="cpu")
+    path = str(store.manifest_path(step))
+    checked = sum(blob.nbytes for blob in blobs_of(manifest, path))
+    tensors = sum(1 for _, leaf in _tree.flatten(state[_run.ITEMS]) if _is_array(leaf))
+    return VerifyReport(label, tensors, checked, True)
+
+
+def _is_array(leaf: object) -> bool:
+    return isinstance(leaf, torch.Tensor | np.ndarray)

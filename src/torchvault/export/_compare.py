@@ -1,5 +1,5 @@
 """Comparing an artifact with the model it came from: sample inputs, output differences
-under ``allclose`` semantics, and median latencies. Shared by every export and by quantize.
+under ``allclose`` semantics, and latencies (median and interquartile range). Shared by every export and by quantize.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -150,13 +151,22 @@ class Differences:
             self.within = self.within and bool(same_nan.all()) and bool(close.all())
 
 
-def median_ms(run: Callable[[], object], *, repeats: int = 20, warmup: int = 3) -> float:
-    """The median wall time of ``run()`` in milliseconds."""
+class Latency(NamedTuple):
+    """Wall times of repeated calls: their median and interquartile range, in ms."""
+
+    median_ms: float
+    iqr_ms: float
+
+
+def latency(run: Callable[[], object], *, repeats: int = 20, warmup: int = 3) -> Latency:
+    """The median wall time of ``run()`` and the spread around it (the interquartile range:
+    the middle half of the runs lies within it), in milliseconds."""
     for _ in range(warmup):
         run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
+        times.append((time.perf_counter() - start) * 1000.0)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Latency(statistics.median(times), q3 - q1)

@@ -347,8 +347,8 @@ def _validate(
         if not diffs.within and not first_miss:
             first_miss = _describe_sample(index, count, extra)
     latencies = (
-        _compare.median_ms(_torch_call(model, inputs)),
-        _compare.median_ms(lambda: run(inputs)),
+        _compare.latency(_torch_call(model, inputs)),
+        _compare.latency(lambda: run(inputs)),
     )
     batch_sizes = tuple(sorted({batch, *extra})) if batch is not None else ()
     report = _report(job, graph, diffs, batch_sizes, latencies)
@@ -421,10 +421,11 @@ def _report(
     graph: _Graph,
     diffs: _compare.Differences,
     batch_sizes: tuple[int, ...],
-    latencies: tuple[float, float] | None,
+    latencies: tuple[_compare.Latency, _compare.Latency] | None,
 ) -> ExportReport:
     """The report; without ``latencies`` (nothing was run) differences and latencies are NaN."""
-    torch_ms, runtime_ms = latencies or (math.nan, math.nan)
+    nan = _compare.Latency(math.nan, math.nan)
+    torch_ms, runtime_ms = latencies or (nan, nan)
     compared = latencies is not None
     return ExportReport(
         path=str(job.dest),
@@ -436,8 +437,10 @@ def _report(
         max_rel_diff=diffs.max_rel if compared else math.nan,
         rtol=diffs.rtol,
         atol=diffs.atol,
-        torch_latency_ms=torch_ms,
-        runtime_latency_ms=runtime_ms,
+        torch_latency_ms=torch_ms.median_ms,
+        runtime_latency_ms=runtime_ms.median_ms,
+        torch_latency_iqr_ms=torch_ms.iqr_ms,
+        runtime_latency_iqr_ms=runtime_ms.iqr_ms,
         opset=graph.opset,
         input_names=graph.inputs,
         output_names=graph.outputs,

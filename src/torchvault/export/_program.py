@@ -245,8 +245,8 @@ def _validate(
         if not diffs.within and not first_miss:
             first_miss = _sample(index, count, extra)
     latencies = (
-        _compare.median_ms(lambda: model(*inputs)),
-        _compare.median_ms(lambda: loaded(*inputs)),
+        _compare.latency(lambda: model(*inputs)),
+        _compare.latency(lambda: loaded(*inputs)),
     )
     report = _report(job, size, program, diffs, (*batch, *extra), latencies)
     if not diffs.within:
@@ -316,10 +316,11 @@ def _report(
     program: torch.export.ExportedProgram,
     diffs: _compare.Differences | None = None,
     batch_sizes: tuple[int, ...] = (),
-    latencies: tuple[float, float] | None = None,
+    latencies: tuple[_compare.Latency, _compare.Latency] | None = None,
 ) -> ExportReport:
     """The report; without ``latencies`` (nothing was run) differences and latencies are NaN."""
-    torch_ms, runtime_ms = latencies or (math.nan, math.nan)
+    nan = _compare.Latency(math.nan, math.nan)
+    torch_ms, runtime_ms = latencies or (nan, nan)
     diffs = diffs or _compare.Differences(job.rtol, job.atol)
     compared = latencies is not None
     signature = program.graph_signature
@@ -333,8 +334,10 @@ def _report(
         max_rel_diff=diffs.max_rel if compared else math.nan,
         rtol=diffs.rtol,
         atol=diffs.atol,
-        torch_latency_ms=torch_ms,
-        runtime_latency_ms=runtime_ms,
+        torch_latency_ms=torch_ms.median_ms,
+        runtime_latency_ms=runtime_ms.median_ms,
+        torch_latency_iqr_ms=torch_ms.iqr_ms,
+        runtime_latency_iqr_ms=runtime_ms.iqr_ms,
         opset=None,
         input_names=tuple(str(name) for name in signature.user_inputs),
         output_names=tuple(str(name) for name in signature.user_outputs if name is not None),

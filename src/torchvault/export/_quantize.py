@@ -26,8 +26,8 @@ from ._quantize_backends import (
     METHODS,
     _apply,
     _check_float,
-    _choose_backend,
     _quantized_modules,
+    chosen_backend,
 )
 from ._quantized_file import _save
 
@@ -41,6 +41,7 @@ def quantize(
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     samples: int = 8,
     inplace: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.nn.Module, QuantizationReport]:
     """Quantize the Linear layers of ``model`` to int8 and measure what it costs.
 
@@ -59,6 +60,11 @@ def quantize(
             latencies in the report are NaN and ``report.samples`` is 0.
         samples: random input sets compared besides the example inputs.
         inplace: quantize ``model`` itself (it is also left in eval mode) instead of a copy.
+        backend: ``"torchao"`` or ``"torch"`` (PyTorch's ``torch.ao`` dynamic quantization,
+            ``"int8-dynamic"`` only; recorded as ``"torch.ao"``). ``None``: torchao where it
+            is installed, else torch for ``"int8-dynamic"``. At batch 1 on small layers
+            torch's dynamic int8 can be several times faster than torchao's: compare
+            ``report.quantized_latency_ms``.
 
     Returns:
         The quantized model and a :class:`QuantizationReport`: the quantized modules, file
@@ -67,7 +73,8 @@ def quantize(
 
     Raises:
         ValueError: an unknown ``method``, a model that is already quantized or has no
-            ``nn.Linear`` layer, or a negative ``samples``.
+            ``nn.Linear`` layer, or a negative ``samples``; an unknown ``backend``, one that
+            cannot do ``method``, or one that is not installed.
         ImportError: the method needs torchao and it is not installed, naming the extra.
 
     Example:
@@ -79,20 +86,20 @@ def quantize(
         raise ValueError(f"samples must be >= 0, got {samples}")
     _check_float(model)
     _check_has_linear(model)
-    backend = _choose_backend(method)
+    chosen = chosen_backend(method, backend)
     inputs = None if example_inputs is None else _compare.as_inputs(example_inputs)
     with _eval_mode(model, restore=not inplace):
         float_bytes = _file_bytes(lambda path: _file.save(model, path))
         reference = None if inputs is None else _Measured.of(model, inputs, samples)
         quantized = model if inplace else copy.deepcopy(model)
     quantized.eval()
-    _apply(quantized, method, backend)
+    _apply(quantized, method, chosen)
     report = QuantizationReport(
         method=method,
-        backend=backend,
-        modules=_quantized_modules(quantized, backend),
+        backend=chosen,
+        modules=_quantized_modules(quantized, chosen),
         float_bytes=float_bytes,
-        quantized_bytes=_file_bytes(lambda path: _save(quantized, path, method, backend, None)),
+        quantized_bytes=_file_bytes(lambda path: _save(quantized, path, method, chosen, None)),
         **_comparison(quantized, reference),
     )
     return quantized, report
@@ -143,11 +150,11 @@ def _file_bytes(write: Callable[[Path], object]) -> int:
 
 @dataclass(frozen=True)
 class _Measured:
-    """The float model's outputs on every sample input set, and its median latency."""
+    """The float model's outputs on every sample input set, and its latency."""
 
     inputs: list[_compare.Inputs]
     outputs: list[list[torch.Tensor]]
-    latency_ms: float
+    latency: _compare.Latency
 
     @classmethod
     def of(cls, model: torch.nn.Module, example: _compare.Inputs, count: int) -> _Measured:
@@ -163,9 +170,9 @@ def _outputs(model: torch.nn.Module, inputs: list[_compare.Inputs]) -> list[list
         return [_compare.outputs_of(model(*one)) for one in inputs]
 
 
-def _latency_ms(model: torch.nn.Module, inputs: _compare.Inputs) -> float:
+def _latency_ms(model: torch.nn.Module, inputs: _compare.Inputs) -> _compare.Latency:
     with torch.no_grad():
-        return _compare.median_ms(lambda: model(*inputs))
+        return _compare.latency(lambda: model(*inputs))
 
 
 def _comparison(model: torch.nn.Module, reference: _Measured | None) -> dict[str, Any]:
@@ -178,14 +185,19 @@ def _comparison(model: torch.nn.Module, reference: _Measured | None) -> dict[str
             "float_latency_ms": nan,
             "quantized_latency_ms": nan,
             "samples": 0,
+            "float_latency_iqr_ms": nan,
+            "quantized_latency_iqr_ms": nan,
         }
     diffs = _compare.Differences(rtol=0.0, atol=0.0)
     for want, got in zip(reference.outputs, _outputs(model, reference.inputs), strict=True):
         diffs.add(want, got)
+    quantized = _latency_ms(model, reference.inputs[0])
     return {
         "max_abs_diff": diffs.max_abs,
         "max_rel_diff": diffs.max_rel,
-        "float_latency_ms": reference.latency_ms,
-        "quantized_latency_ms": _latency_ms(model, reference.inputs[0]),
+        "float_latency_ms": reference.latency.median_ms,
+        "quantized_latency_ms": quantized.median_ms,
         "samples": diffs.checked,
+        "float_latency_iqr_ms": reference.latency.iqr_ms,
+        "quantized_latency_iqr_ms": quantized.iqr_ms,
     }

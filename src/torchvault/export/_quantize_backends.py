@@ -18,6 +18,39 @@ _INSTALL = 'pip install "torchvault[quantize]"'
 # ----------------------------------------------------------------------------- backends
 
 
+BACKENDS = {"torchao": "torchao", "torch": "torch.ao", "torch.ao": "torch.ao"}
+"""``quantize``'s ``backend`` argument, and the name each is recorded under."""
+_SUPPORTS = {"torchao": METHODS, "torch.ao": ("int8-dynamic",)}
+
+
+def chosen_backend(method: str, backend: str | None) -> str:
+    """The backend ``backend`` names (``None``: the default for ``method``), checked to
+    support ``method`` and to be installed.
+
+    Raises:
+        ValueError: an unknown backend, one that cannot do ``method``, or one whose library
+            is missing (naming the extra to install).
+    """
+    if backend is None:
+        return _choose_backend(method)
+    choices = "'torchao', 'torch'"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: choose one of {choices}")
+    name = BACKENDS[backend]
+    if method not in _SUPPORTS[name]:
+        able = [b for b in ("torchao", "torch") if method in _SUPPORTS[BACKENDS[b]]]
+        raise ValueError(
+            f"backend={backend!r} cannot quantize {method!r} (it does "
+            f"{', '.join(map(repr, _SUPPORTS[name]))}); for {method!r} choose "
+            f"{', '.join(map(repr, able))}, or leave backend unset"
+        )
+    try:
+        _torchao(f"backend={backend!r}") if name == "torchao" else _torch_ao()
+    except ImportError as exc:
+        raise ValueError(f"backend={backend!r} is not available here: {exc}") from exc
+    return name
+
+
 def _choose_backend(method: str) -> str:
     # torchao is the maintained path (torch.ao.quantization is deprecated); on this CPU its
     # int8 kernels measured slower than fp32 where torch.ao's were faster

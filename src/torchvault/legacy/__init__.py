@@ -9,6 +9,7 @@ files as torchvault, strict safetensors or Hugging Face folders.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Literal, overload
 
 from .._file import _gc_paused
@@ -54,7 +55,8 @@ def load_legacy(
             dict from saved device to target device.
         salvage: for a whole model saved with ``torch.save(model)``: recover every tensor by
             its dotted state-dict name without importing or calling the model's classes, and
-            return a :class:`SalvageReport` that lists those classes.
+            return a :class:`SalvageReport` that lists those classes, and the globals the
+            file would call (``report.unsafe``; a ``UserWarning`` names them).
 
     Returns:
         The saved object (usually a state dict), or a :class:`SalvageReport`.
@@ -81,4 +83,14 @@ def load_legacy(
         state: dict[str, object] = dict(tensors(obj))
     except TorchVaultError as exc:
         raise located(exc, name) from exc
-    return SalvageReport(name, state, tuple(sorted(session.refused)))
+    unsafe = tuple(sorted(session.called))
+    if unsafe:
+        warnings.warn(
+            f"{name}: the pickle calls {', '.join(unsafe)}, which torch.load(weights_only=False) "
+            "would run; nothing was run and the weights were recovered without it, but the "
+            "file was crafted or is not what it claims to be: do not load it with torch.load",
+            UserWarning,
+            stacklevel=2,
+        )
+    classes = tuple(sorted(session.refused - session.called))
+    return SalvageReport(name, state, classes, unsafe)

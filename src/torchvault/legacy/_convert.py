@@ -1,5 +1,6 @@
 """``convert``: any checkpoint torchvault reads, written as a torchvault file, a strict
-safetensors file or a Hugging Face folder.
+safetensors file, a Hugging Face folder or a plain torch.save file; the destination's name
+chooses which.
 
 safetensors cannot say that two names share storage, and its readers refuse files that
 overlap. Tensors that are the very same view (tied weights) are stored once and the other
@@ -9,21 +10,35 @@ overlap are written as separate copies. Nothing is silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from .._commit import atomic_file
 from .._file import load, save
 from .._report import ConvertReport
 from .._tree import flatten
 from ..errors import UnsupportedTypeError
 from ._hf import metadata, write_folder, write_safetensors
 
-Target = Literal["torchvault", "safetensors", "hf"]
+Target = Literal["tv", "torchvault", "safetensors", "hf", "torch"]
+TARGETS = ("tv", "safetensors", "hf", "torch")
+_NAMES = {"tv": "torchvault", "torchvault": "torchvault", "safetensors": "safetensors",
+          "hf": "hf", "torch": "torch"}  # fmt: skip
+_BY_SUFFIX = {
+    ".tv": "torchvault",
+    ".safetensors": "safetensors",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".bin": "torch",
+}
+DEFAULT_SHARD_SIZE = "5GB"
 _UNITS = {
     "": 1,
     "B": 1,
@@ -40,56 +55,171 @@ def convert(
     source: str | os.PathLike[str],
     destination: str | os.PathLike[str],
     *,
-    to: Target = "torchvault",
-    max_shard_size: int | str = "5GB",
+    to: Target | None = None,
+    max_shard_size: int | str | None = None,
+    salvage: bool = False,
 ) -> ConvertReport:
     """Rewrite a checkpoint in another format, reading it without running any code.
+
+    The format written follows the destination: ``.tv`` a torchvault file, ``.safetensors``
+    a plain safetensors file, ``.pt``/``.pth``/``.bin`` a torch.save file that
+    ``torch.load(weights_only=True)`` reads, and a folder (an existing one, or a name with no
+    suffix) a Hugging Face model folder. ``to`` overrides it.
 
     Args:
         source: a torch.save file (.pt/.pth/.bin/.ckpt), a safetensors or torchvault file, or
             a Hugging Face model folder.
-        destination: the file (``to="torchvault"`` or ``"safetensors"``) or folder
-            (``to="hf"``) to write; files are replaced atomically.
-        to: ``"torchvault"`` keeps any nested state exactly; ``"safetensors"`` writes one
-            plain safetensors file; ``"hf"`` writes ``model.safetensors`` or shards named
-            ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``.
-            Both safetensors targets need a flat state dict (a Lightning checkpoint's
-            ``state_dict`` is taken from it).
-        max_shard_size: the largest shard for ``to="hf"``: bytes, or a string like
-            ``"500MB"`` or ``"2GiB"``.
+        destination: the file or folder to write; files are replaced atomically.
+        to: ``"tv"`` (or ``"torchvault"``) keeps any nested state exactly; ``"safetensors"``
+            writes one plain safetensors file; ``"hf"`` writes ``model.safetensors`` or
+            shards named ``model-0000k-of-0000n.safetensors`` with
+            ``model.safetensors.index.json``; ``"torch"`` writes with ``torch.save``, holding
+            only tensors and plain containers, for tools that read nothing else. Both
+            safetensors targets need a flat state dict (a Lightning checkpoint's
+            ``state_dict`` is taken from it). ``None``: from the destination's suffix.
+        max_shard_size: the largest shard of a Hugging Face folder: bytes, or a string like
+            ``"500MB"`` or ``"2GiB"`` (default ``"5GB"``). Only for that target.
+        salvage: ``source`` is a whole model saved with ``torch.save(model)``: convert the
+            state dict :func:`load_legacy` recovers from it with ``salvage=True`` (its
+            classes and any global it would call are in the report; a file that calls one
+            also warns).
 
     Returns:
         A :class:`ConvertReport` of tensors, bytes, aliases and files written.
 
+    Raises:
+        ValueError: an unknown ``to``; a destination whose suffix names no target, without
+            ``to``; ``max_shard_size`` for a target that is not a folder.
+        UnsupportedTypeError: the source holds what the target cannot store (nesting for
+            safetensors, a value other than tensors and containers for ``"torch"``).
+
     Example:
-        >>> tv.convert("pytorch_model.bin", "model-hf", to="hf", max_shard_size="2GB")
+        >>> tv.convert("pytorch_model.bin", "model-hf", max_shard_size="2GB")  # a folder
+        >>> tv.convert("model.tv", "model.pt")  # torch.load(..., weights_only=True) reads it
     """
-    obj = load(source)
+    for name, value in (("source", source), ("destination", destination)):
+        if not isinstance(value, str | os.PathLike):
+            raise TypeError(f"`{name}` must be a path, got {type(value).__name__}")
+    target = resolve_target(destination, to=to, max_shard_size=max_shard_size)
     src, dst = os.fspath(source), Path(destination)
-    if to == "torchvault":
-        save(obj, dst)
+    if salvage:
+        from . import load_legacy  # the package imports this module
+
+        salvaged = load_legacy(source, salvage=True)
+        report = _convert(salvaged.state_dict, src, dst, target, max_shard_size)
+        return dataclasses.replace(report, classes=salvaged.classes, unsafe=salvaged.unsafe)
+    return _convert(load(source), src, dst, target, max_shard_size)
+
+
+def _convert(
+    obj: object, src: str, dst: Path, target: str, max_shard_size: int | str | None
+) -> ConvertReport:
+    if target in ("torchvault", "torch"):
+        if target == "torchvault":
+            save(obj, dst)
+        else:
+            write_torch(dst, obj)
         tensors = {k: v for k, v in flatten(obj) if isinstance(v, torch.Tensor)}
         unique, aliases = _dedup(tensors)
         nbytes = sum(t.numel() * t.element_size() for t in unique.values())
         pairs = tuple(sorted(aliases.items()))
-        return ConvertReport(src, str(dst), to, len(unique), nbytes, pairs, (str(dst),))
-    if to not in ("safetensors", "hf"):
-        raise ValueError(f"to={to!r}: choose 'torchvault', 'safetensors' or 'hf'")
+        return ConvertReport(src, str(dst), target, len(unique), nbytes, pairs, (str(dst),))
     unique, aliases = _dedup(_state_dict(obj, src))
-    if to == "safetensors":
+    if target == "safetensors":
         nbytes = write_safetensors(dst, unique, metadata(unique, aliases))
         files = [dst]
     else:
-        files = write_folder(dst, unique, aliases, parse_size(max_shard_size))
+        shard = parse_size(DEFAULT_SHARD_SIZE if max_shard_size is None else max_shard_size)
+        files = write_folder(dst, unique, aliases, shard)
         nbytes = sum(t.numel() * t.element_size() for t in unique.values())
     return ConvertReport(
         src,
         str(dst),
-        to,
+        target,
         len(unique),
         nbytes,
         tuple(sorted(aliases.items())),
         tuple(map(str, files)),
+    )
+
+
+def resolve_target(
+    destination: str | os.PathLike[str],
+    *,
+    to: str | None = None,
+    max_shard_size: int | str | None = None,
+) -> str:
+    """The format :func:`convert` writes to ``destination``: ``"torchvault"``,
+    ``"safetensors"``, ``"hf"`` or ``"torch"``; arguments that target would ignore refused.
+
+    Raises:
+        ValueError: an unknown ``to``, a suffix that names no format (without ``to``), or a
+            ``max_shard_size`` for a single-file target.
+    """
+    if to is not None and (not isinstance(to, str) or to not in _NAMES):
+        raise ValueError(f"to={to!r}: choose one of {', '.join(map(repr, TARGETS))}")
+    target = _NAMES[to] if to is not None else _from_destination(Path(destination))
+    if max_shard_size is not None:
+        if target != "hf":
+            raise ValueError(
+                f"max_shard_size={max_shard_size!r} applies only to a Hugging Face folder, and "
+                f"{os.fspath(destination)} is written as one {target} file; drop it, or pass "
+                "to='hf'"
+            )
+        if parse_size(max_shard_size) < 1:
+            raise ValueError(f"max_shard_size={max_shard_size!r}: it must be at least one byte")
+    return target
+
+
+def _from_destination(dst: Path) -> str:
+    if dst.is_dir() or (not dst.suffix and not dst.exists()):
+        return "hf"
+    target = _BY_SUFFIX.get(dst.suffix.lower())
+    if target is None:
+        known = ", ".join(sorted(_BY_SUFFIX))
+        raise ValueError(
+            f"destination {os.fspath(dst)}: cannot tell the format from its name (suffixes: "
+            f"{known}; a folder for Hugging Face); pass to= one of "
+            f"{', '.join(map(repr, TARGETS))}"
+        )
+    return target
+
+
+def write_torch(path: Path, obj: object) -> None:
+    """Write ``obj`` atomically with ``torch.save``, after checking that it holds only what
+    ``torch.load(weights_only=True)`` reads back (tensors, plain containers and scalars)."""
+    _check_plain(obj, "")
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
+
+
+_SCALARS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+def _check_plain(obj: object, key: str) -> None:
+    # Exact types: torch.load(weights_only=True) refuses subclasses it does not know.
+    if type(obj) in _SCALARS or type(obj) in (torch.Tensor, torch.nn.Parameter, torch.Size):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for name, value in obj.items():  # type: ignore[attr-defined]
+            if type(name) not in (str, int):
+                raise _not_plain(key, name)
+            _check_plain(value, f"{key}.{name}" if key else str(name))
+        return
+    if type(obj) in (list, tuple):
+        for index, value in enumerate(obj):  # type: ignore[arg-type]
+            _check_plain(value, f"{key}.{index}" if key else str(index))
+        return
+    raise _not_plain(key, obj)
+
+
+def _not_plain(key: str, value: object) -> UnsupportedTypeError:
+    return UnsupportedTypeError(
+        f"{key or 'the checkpoint'}: a {type(value).__module__}.{type(value).__qualname__}, "
+        "which torch.load(weights_only=True) does not read; a torch.save target holds only "
+        "tensors, dicts, lists, tuples, strings and numbers. Convert to a torchvault file "
+        "(.tv, to='tv'), which stores it exactly",
+        key=key or None,
     )
 
 
@@ -124,8 +254,10 @@ def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
 
 def parse_size(size: int | str) -> int:
     """Bytes from ``500MB``, ``2GiB`` or an int."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
         return size
+    if not isinstance(size, str):
+        raise TypeError(f"max_shard_size={size!r}: use bytes or a size like '500MB' or '2GiB'")
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", size)
     unit = match and _UNITS.get(match.group(2).upper())
     if not match or unit is None:

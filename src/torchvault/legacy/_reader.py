@@ -50,22 +50,32 @@ _WRAPPERS = {
 
 
 class Stub(Global, Building):
-    """A refused name in permissive mode: it records what the stream did to it, runs nothing."""
+    """A refused name in permissive mode: it records what the stream did to it, runs nothing.
+
+    ``calls`` (shared by every stub of one read) collects the names the stream *calls*
+    (REDUCE): what ``torch.load(weights_only=False)`` would call with the file's arguments,
+    as opposed to classes it would only instantiate (NEWOBJ) and fill with state.
+    """
 
     what = "stub"
 
-    def __init__(self, name: str, args: tuple[Any, ...] = ()) -> None:
+    def __init__(
+        self, name: str, args: tuple[Any, ...] = (), calls: set[str] | None = None
+    ) -> None:
         super().__init__(name)
         self.args: object = args
         self.state: object = None
         self.items: list[object] = []
         self.pairs: list[tuple[object, object]] = []
+        self.calls = calls
 
     def call(self, args: tuple[Any, ...]) -> object:
-        return Stub(self.name, args)
+        if self.calls is not None:
+            self.calls.add(self.name)
+        return Stub(self.name, args, self.calls)
 
     def new(self, args: tuple[Any, ...]) -> object:
-        return Stub(self.name, args)
+        return Stub(self.name, args, self.calls)
 
     def build(self, state: object) -> None:
         self.state = state
@@ -95,6 +105,7 @@ class Session:
         self.permissive = permissive
         self.seen: Counter[str] = Counter()
         self.refused: set[str] = set()
+        self.called: set[str] = set()  # refused names the stream calls (permissive mode)
         self.anomalies: list[str] = []
         self.format = "unknown"
         self.context = _allowlist.Context(self._device)
@@ -113,7 +124,7 @@ class Session:
             return entry
         self.refused.add(written)
         if self.permissive:
-            return Stub(written)
+            return Stub(written, calls=self.called)
         raise UnsafeCheckpointError(
             f"{self.path}: the pickle refers to {written}, which is not on torchvault's "
             "allowlist of data types; loading it with torch.load(weights_only=False) would run "
@@ -293,12 +304,16 @@ def kind_of(head: bytes, size: int) -> str:
     return "unknown"
 
 
-def read(session: Session, data: mmap.mmap | bytes) -> object:
-    """The object in a torch.save file, unpickled by ``session``, finished."""
+def read(session: Session, data: mmap.mmap | bytes, *, scan: bool = False) -> object:
+    """The object in a torch.save file, unpickled by ``session``, finished.
+
+    ``scan``: the read only lists globals (a permissive session), so DCP's ``.metadata``,
+    which loading refuses, is read too.
+    """
     kind = sniff(data)
     if kind == "zip":
         return session.finish(_read_zip(session, ZipArchive(data, session.path)))
-    if kind == "pickle" and os.path.basename(session.path) == ".metadata":
+    if kind == "pickle" and os.path.basename(session.path) == ".metadata" and not scan:
         raise UnsupportedFormatError(
             f"{session.path}: is the metadata of a torch.distributed.checkpoint folder, a raw "
             "pickle that DCP itself loads with pickle.load (it can run code). torchvault does "

@@ -104,6 +104,10 @@ def _scan_run(folder: str) -> ScanReport:
 
 
 def _candidates(folder: str) -> list[str]:
+    """The files of ``folder`` that some loader would read: everything named like a
+    checkpoint, and everything whose bytes are a checkpoint container or a binary pickle,
+    whatever its name (dotfiles included: DCP's ``.metadata`` is a pickle that
+    torch.distributed.checkpoint reads with ``pickle.load``)."""
     found = []
     for root, dirs, names in os.walk(folder):
         if RUN_FILE in names and "objects" in dirs:
@@ -114,12 +118,19 @@ def _candidates(folder: str) -> list[str]:
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 continue
             with open(path, "rb") as file:
-                kind = kind_of(file.read(512), os.fstat(file.fileno()).st_size)
-            # a first byte of 0x80 is weak evidence of a pickle; a name is needed too
-            named = name.endswith(CHECKPOINT_SUFFIXES)
-            if named or kind not in ("unknown", "pickle"):
+                head = file.read(512)
+                kind = kind_of(head, os.fstat(file.fileno()).st_size)
+            if name.endswith(CHECKPOINT_SUFFIXES) or kind not in ("unknown", "pickle"):
+                found.append(path)
+            elif kind == "pickle" and _binary_pickle(head):
+                # a text file may start like a protocol 0 pickle; PROTO 2-5 is what
+                # pickle.dump and torch.save write
                 found.append(path)
     return found
+
+
+def _binary_pickle(head: bytes) -> bool:
+    return len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def _scan_file(name: str) -> ScanReport:
@@ -139,7 +150,7 @@ def _scan_file(name: str) -> ScanReport:
     anomalies = []
     try:
         with _gc_paused():
-            read(session, data)
+            read(session, data, scan=True)
     except TorchVaultError as exc:
         anomalies.append(exc.message)
     anomalies = [*session.anomalies, *anomalies]
