@@ -24,6 +24,7 @@ PUBLIC = [
     "ExportReport",
     "GlobalRef",
     "LoadReport",
+    "ManagerClosedError",
     "QuantizationReport",
     "RenamedKey",
     "RestoreMismatchError",
@@ -71,6 +72,7 @@ ERRORS = [
     (tv.CheckpointWriteError, OSError),
     (tv.RestoreMismatchError, RuntimeError),
     (tv.RunLockedError, RuntimeError),
+    (tv.ManagerClosedError, RuntimeError),
 ]
 
 
