@@ -252,6 +252,24 @@ def test_readers_recompute_the_best_when_its_pointer_is_missing_or_stale(tmp_pat
         assert mgr.best_step == 20
 
 
+def test_a_new_writer_repairs_a_best_pointer_a_crash_left_stale(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tv.CheckpointManager(run, monitor="val_loss") as mgr:
+        save_losses(mgr, model())
+    RunStore(run).set_ref("best", 40)
+    tv.CheckpointManager(run).close()
+    assert RunStore(run).ref("best") == 20
+
+
+def test_the_managers_list_marks_the_best_it_reports(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with tv.CheckpointManager(run, monitor="val_loss") as mgr:
+        save_losses(mgr, model())
+    with tv.CheckpointManager(run, monitor="acc") as mgr:  # a new metric, lowest acc: step 10
+        assert mgr.best_step == 10
+        assert [c.step for c in mgr.list() if c.best] == [10]
+
+
 def test_an_old_run_whose_manifests_name_no_metric_keeps_its_best_pointer(tmp_path: Path) -> None:
     run = tmp_path / "run"
     with tv.CheckpointManager(run, monitor="val_loss") as mgr:

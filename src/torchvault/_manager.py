@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import datetime
-import operator
 import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,18 +24,22 @@ from . import _format, _rng, _tree, retention
 from ._commit import make_dirs
 from ._file import _gc_paused, versions
 from ._format import Blob, flat_bytes
+from ._manager_args import (
+    best_metric,
+    check_metadata,
+    check_metrics,
+    kind_of,
+    next_step,
+    state_of,
+)
 from ._report import CheckpointSummary, ExportReport, ResumeReport
 from ._run import (
-    GENERATOR,
     ITEMS,
     RNG,
-    STATE,
-    VALUE,
     Ranking,
     StepRef,
     check_ref,
     export,
-    is_stateful,
     load_items,
     metrics_of,
     no_tensors,
@@ -56,7 +60,6 @@ from .errors import (
 from .storage import Storage
 
 _NOTHING = torch.empty(0, dtype=torch.uint8)
-_STEP_LIMIT = 10**12  # manifests are named with 12 digits: a longer step no reader would list
 
 
 class _Record(NamedTuple):
@@ -113,8 +116,6 @@ class CheckpointManager:
         async_save: bool = False,
     ) -> None:
         self._closed = True  # until the lock is held: a failed __init__ has nothing to close
-        if monitor is not None and not isinstance(monitor, str):
-            raise TypeError(f"monitor must be a metric name (str) or None, got {monitor!r}")
         self._policy = retention.from_arguments(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -123,7 +124,7 @@ class CheckpointManager:
             keep_every=keep_every,
             policy=policy,
         )
-        self._metric = _best_metric(monitor, mode, self._policy)
+        self._metric = best_metric(monitor, mode, self._policy)
         self._store = RunStore(directory)
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(self._store.storage.lock())
@@ -135,6 +136,10 @@ class CheckpointManager:
             latest = self._latest()
             if latest is not None and readable_ref(self._store, "latest") != latest:
                 self._store.set_ref("latest", latest)  # a save killed before its pointer
+            best = self._run_best()[0]
+            if best is not None and best != self._best_ref:
+                self._store.set_ref("best", best)  # likewise, by the run's recorded metric
+                self._best_ref = best
         except BaseException:
             self._lock.close()
             raise
@@ -178,8 +183,8 @@ class CheckpointManager:
         """
         self._check_open()
         self._wait()
-        step = self._next_step(step)
-        numbers = _numbers(metrics)
+        step = next_step(step, self._records.keys(), self._store.root)
+        numbers = check_metrics(metrics)
         if self._metric is not None and self._metric[0] not in numbers:
             raise ValueError(
                 f"save(step {step}): the best checkpoint of {self._store.root} is ranked by "
@@ -187,8 +192,8 @@ class CheckpointManager:
                 f"{sorted(numbers)}. Report it (metrics={{{self._metric[0]!r}: ...}}), or "
                 "fix the monitor's spelling."
             )
-        notes = _notes(metadata)
-        kinds = {name: _kind(item) for name, item in items.items()}
+        notes = check_metadata(metadata)
+        kinds = {name: kind_of(item) for name, item in items.items()}
         plan, tree, blobs = _plan(items)
         manifest = {
             "torchvault": "checkpoint",
@@ -207,28 +212,6 @@ class CheckpointManager:
             return
         staged, digests = self._stage(blobs)
         self._pending = self._executor.submit(self._write, step, manifest, staged, numbers, digests)
-
-    def _next_step(self, step: object) -> int:
-        """``step`` as an int a reader will list, after the run's latest step."""
-        if isinstance(step, bool) or not hasattr(type(step), "__index__"):
-            raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
-        step = operator.index(step)  # type: ignore[arg-type]
-        if not 0 <= step < _STEP_LIMIT:
-            raise ValueError(f"step must be from 0 to {_STEP_LIMIT - 1}, got {step}")
-        latest = self._latest()
-        if latest is None or step > latest:
-            return step
-        where = (
-            f"step {step} is already committed in {self._store.root}"
-            if step in self._records
-            else f"step {step} is below the latest step {latest} of {self._store.root}"
-        )
-        raise ValueError(
-            f"{where}: a step at or below the latest would replace a checkpoint or be pruned "
-            "as the oldest, so nothing was saved. To continue this run, call restore() first "
-            f"and save from report.step + 1 (step {latest + 1}); to start over from scratch, "
-            "use a new run folder."
-        )
 
     def _prepare(self, sizes: list[int]) -> None:
         """Allocate and touch the staging buffers of an async save ahead of time (in the
@@ -376,9 +359,10 @@ class CheckpointManager:
         return dict(self._records[step].metrics)
 
     def list(self) -> list[CheckpointSummary]:
-        """A summary of every committed checkpoint."""
+        """A summary of every committed checkpoint; ``best`` marks :attr:`best_step`."""
         self._check_open()
-        return summarize(self._store)
+        best = self._best()[0]
+        return [dataclasses.replace(c, best=c.step == best) for c in summarize(self._store)]
 
     def restore(
         self,
@@ -528,6 +512,10 @@ class CheckpointManager:
         if self._metric is not None:
             best = retention.best_step(self._ranked(), *self._metric)
             return best, f"no checkpoint has a usable (present, non-NaN) {self._metric[0]!r}."
+        return self._run_best()
+
+    def _run_best(self) -> tuple[int | None, str]:
+        """The best as readers without a manager see it (``_run.pick_best``)."""
         steps = sorted(self._records)
         latest = self._records[steps[-1]].ranking if steps else None
         return pick_best(steps, latest, self._best_ref, lambda s: self._records[s].metrics)
@@ -561,77 +549,8 @@ class CheckpointManager:
 
 def _plan(items: Mapping[str, Any]) -> tuple[TensorPlan, _tree.Json, list[Blob]]:
     """The tree, tensor table and blobs of a checkpoint of ``items`` and the RNG states."""
-    state = {name: _state(item) for name, item in items.items()}
+    state = {name: state_of(item) for name, item in items.items()}
     with _gc_paused():
         plan = TensorPlan()
         tree = _tree.encode({ITEMS: state, RNG: _rng.capture()}, plan.add)
         return plan, tree, plan.finish()
-
-
-def _kind(item: object) -> str:
-    if isinstance(item, torch.Generator):
-        return GENERATOR
-    return STATE if is_stateful(item) else VALUE
-
-
-def _state(item: object) -> object:
-    """What a checkpoint holds of one item."""
-    if isinstance(item, torch.Generator):
-        return _rng.generator_state(item)
-    return item.state_dict() if is_stateful(item) else item  # type: ignore[attr-defined]
-
-
-def _best_metric(
-    monitor: str | None, mode: str, policy: retention.RetentionPolicy
-) -> tuple[str, str] | None:
-    """The one ``(metric, mode)`` that defines the best checkpoint, or None.
-
-    Raises:
-        ValueError: ``monitor`` and the KeepBest policies name different metrics or modes.
-    """
-    found = list(
-        dict.fromkeys([*([(monitor, mode)] if monitor else []), *retention.ranked_by(policy)])
-    )
-    if len(found) > 1:
-        named = " and ".join(f"{metric!r} ({mode})" for metric, mode in found)
-        raise ValueError(
-            f"CheckpointManager got two definitions of the best checkpoint: {named}. The "
-            "best must be one checkpoint: give monitor= and mode= the metric and mode of the "
-            "KeepBest policy, or leave monitor= out."
-        )
-    return found[0] if found else None
-
-
-def _numbers(metrics: object) -> dict[str, float]:
-    """``metrics`` checked: names to numbers, converted with ``float``."""
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a dict of names to numbers, got {type(metrics).__name__}")
-    numbers = {}
-    for name, value in metrics.items():
-        if not isinstance(name, str):
-            raise TypeError(f"metrics keys must be names (str), got {name!r}")
-        if isinstance(value, str | bytes) or value is None:
-            raise TypeError(f"metrics[{name!r}] must be a number, got {value!r}")
-        try:
-            numbers[name] = float(value)
-        except TypeError:
-            raise TypeError(
-                f"metrics[{name!r}] must be a number (int, float, numpy scalar or one-element "
-                f"tensor), got {type(value).__name__}"
-            ) from None
-        except (ValueError, RuntimeError) as exc:
-            raise ValueError(f"metrics[{name!r}] is not one number: {exc}") from None
-    return numbers
-
-
-def _notes(metadata: object) -> dict[str, str]:
-    """``metadata`` checked: strings to strings."""
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise TypeError(f"metadata must be a dict of str to str, got {metadata!r:.200}")
-    return dict(metadata)
