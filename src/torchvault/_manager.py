@@ -416,9 +416,6 @@ class CheckpointManager:
         the state of one ``item``; tensors are mapped from the run's objects, not copied.
         Random generator states are not applied (that is :meth:`restore`'s job).
 
-        Raises:
-            CheckpointNotFoundError: the run has no such step, or the step no such item.
-
         A ``torch.Generator`` item comes back as ``{"device": ..., "state": uint8 tensor}``.
 
         Raises:
