@@ -28,6 +28,7 @@ PUBLIC = [
     "ExportReport",
     "GlobalRef",
     "LoadReport",
+    "ManagerClosedError",
     "QuantizationReport",
     "RenamedKey",
     "RestoreMismatchError",
@@ -76,6 +77,7 @@ ERRORS = [
     (tv.CheckpointWriteError, OSError),
     (tv.RestoreMismatchError, RuntimeError),
     (tv.RunLockedError, RuntimeError),
+    (tv.ManagerClosedError, RuntimeError),
 ]
 
 

@@ -33,16 +33,34 @@ class RunLock:
             )
             os.close(self._fd)
             self._fd = None
+            if holder == _holder():
+                raise RunLockedError(held_here(str(path.parent)), path=path.parent) from exc
             raise RunLockedError(
                 f"{path.parent} is being written by {holder}: only one CheckpointManager may "
                 "write a run at a time. Stop the other job, or use another folder.",
                 path=path.parent,
             ) from exc
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(self._fd, f"{_holder()}\n".encode(), 0)
 
     def release(self) -> None:
         """Release the lock (closing the descriptor drops the flock)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def held_here(run: str) -> str:
+    """The message for a writer refused because this very process holds the run (a notebook
+    cell that creates a manager, run twice): "stop the other job" would send the user looking
+    for a job that does not exist."""
+    return (
+        f"{run} is already held by this process (pid {os.getpid()}): a CheckpointManager of "
+        "it is still open, and only one CheckpointManager may write a run at a time. Call "
+        "close() on the old manager first, or create it as `with tv.CheckpointManager(...) as "
+        "mgr:` so that it closes itself at the end of the block."
+    )
+
+
+def _holder() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"

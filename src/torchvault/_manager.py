@@ -8,13 +8,15 @@ manifests and pointers through the one commit protocol (``_commit``), retention 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import dataclasses
 import datetime
 import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,26 +24,50 @@ from . import _format, _rng, _tree, retention
 from ._commit import make_dirs
 from ._file import _gc_paused, versions
 from ._format import Blob, flat_bytes
+from ._manager_args import (
+    best_metric,
+    check_metadata,
+    check_metrics,
+    kind_of,
+    next_step,
+    state_of,
+)
 from ._report import CheckpointSummary, ExportReport, ResumeReport
 from ._run import (
     ITEMS,
     RNG,
+    Ranking,
     StepRef,
+    check_ref,
     export,
     load_items,
     metrics_of,
     no_tensors,
+    pick_best,
+    ranking_of,
     readable_ref,
     restore,
-    stateful,
     summarize,
 )
 from ._store import RunStore, blobs_of
 from ._tensors import MapLocation, TensorPlan
-from .errors import CheckpointNotFoundError, CheckpointWriteError, TorchVaultError
+from .errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    ManagerClosedError,
+    TorchVaultError,
+)
 from .storage import Storage
 
 _NOTHING = torch.empty(0, dtype=torch.uint8)
+
+
+class _Record(NamedTuple):
+    """What the manager keeps in memory about one committed checkpoint."""
+
+    metrics: dict[str, float]
+    digests: set[str]
+    ranking: Ranking | None  # the metric that defined "best" when it was saved, if any
 
 
 class CheckpointManager:
@@ -53,14 +79,23 @@ class CheckpointManager:
         keep_last, keep_best, keep_every: retention sugar, combined as a union; with none of
             them (and no ``policy``) every checkpoint is kept. The latest and the best are
             never deleted.
-        monitor: the metric ``keep_best`` and the ``best`` pointer rank by.
+        monitor: the metric that defines the ``best`` checkpoint (and that ``keep_best``
+            ranks by); every ``save`` must then report it in ``metrics``.
         mode: ``"min"`` or ``"max"`` for ``monitor``.
-        policy: any :class:`torchvault.retention.RetentionPolicy` (united with the sugar).
+        policy: any :class:`torchvault.retention.RetentionPolicy` (united with the sugar). A
+            :class:`~torchvault.retention.KeepBest` in it (also inside ``|``) defines the
+            best as ``monitor`` does. Without either, the run has no best checkpoint.
         async_save: ``save`` copies the tensors into reused buffers and returns; a background
             thread writes and commits. At most one save is in flight.
 
     Raises:
-        RunLockedError: another manager is writing to ``directory``.
+        RunLockedError: another manager is writing to ``directory`` (or one of this process
+            that was not closed).
+        ValueError: ``monitor`` and the policy's KeepBest rank by different metrics or
+            modes (the best must be one checkpoint).
+
+    After :meth:`close` (or the end of a ``with`` block) every method raises
+    :class:`ManagerClosedError`: the lock is released, so the manager writes nothing more.
 
     Example:
         >>> mgr = tv.CheckpointManager("runs/exp1", keep_last=3, keep_best=1, monitor="val_loss")
@@ -80,6 +115,7 @@ class CheckpointManager:
         policy: retention.RetentionPolicy | None = None,
         async_save: bool = False,
     ) -> None:
+        self._closed = True  # until the lock is held: a failed __init__ has nothing to close
         self._policy = retention.from_arguments(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -88,7 +124,7 @@ class CheckpointManager:
             keep_every=keep_every,
             policy=policy,
         )
-        self._monitor, self._mode = monitor, mode
+        self._metric = best_metric(monitor, mode, self._policy)
         self._store = RunStore(directory)
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(self._store.storage.lock())
@@ -97,12 +133,17 @@ class CheckpointManager:
             self._store.remove_temp_files()
             self._records = {step: self._record(step) for step in self._store.steps()}
             self._best_ref = readable_ref(self._store, "best")
-            latest = self.latest_step
+            latest = self._latest()
             if latest is not None and readable_ref(self._store, "latest") != latest:
                 self._store.set_ref("latest", latest)  # a save killed before its pointer
+            best = self._run_best()[0]
+            if best is not None and best != self._best_ref:
+                self._store.set_ref("best", best)  # likewise, by the run's recorded metric
+                self._best_ref = best
         except BaseException:
             self._lock.close()
             raise
+        self._closed = False
         self._executor = ThreadPoolExecutor(1, "torchvault-save") if async_save else None
         self._pending: Future[None] | None = None
         self._buffers: list[torch.Tensor] = []
@@ -121,27 +162,38 @@ class CheckpointManager:
         """Commit a checkpoint of ``items`` at ``step``.
 
         Args:
-            step: a step not committed yet.
+            step: a step after the run's latest (0 to 10**12 - 1).
             metrics: numbers to rank by (``val_loss``); tensors and numpy scalars are
-                converted with ``float``.
+                converted with ``float``. Must include the manager's ``monitor``.
             metadata: strings kept with the checkpoint.
             items: objects with ``state_dict``/``load_state_dict`` (modules, optimizers,
-                schedulers, GradScaler, samplers, ...) or plain values the format holds.
-                Random generator states and versions are added automatically.
+                schedulers, GradScaler, samplers, ...), ``torch.Generator`` objects (a
+                DataLoader's ``generator=``: its state and device), or plain values the
+                format holds. Global random generator states and versions are added
+                automatically.
 
         Raises:
-            ValueError: ``step`` is already committed.
+            ValueError: ``step`` is at or below the latest committed step (restore first and
+                continue from ``report.step + 1``, or use a new run folder), or ``metrics``
+                lacks the monitored metric; nothing was written.
+            TypeError: ``step``, ``metrics`` or ``metadata`` of the wrong type.
             CheckpointWriteError: the disk refused. Unless the message says the step is
                 committed, nothing was; either way earlier checkpoints are intact.
+            ManagerClosedError: the manager was closed.
         """
-        self.wait()
-        if step in self._records:
+        self._check_open()
+        self._wait()
+        step = next_step(step, self._records.keys(), self._store.root)
+        numbers = check_metrics(metrics)
+        if self._metric is not None and self._metric[0] not in numbers:
             raise ValueError(
-                f"step {step} is already committed in {self._store.root}; "
-                "save each step once (resume from report.step + 1)."
+                f"save(step {step}): the best checkpoint of {self._store.root} is ranked by "
+                f"{self._metric[0]!r}, but metrics has no {self._metric[0]!r}; it got "
+                f"{sorted(numbers)}. Report it (metrics={{{self._metric[0]!r}: ...}}), or "
+                "fix the monitor's spelling."
             )
-        numbers = {name: float(value) for name, value in (metrics or {}).items()}
-        kinds = {name: "state" if stateful(item) else "value" for name, item in items.items()}
+        notes = check_metadata(metadata)
+        kinds = {name: kind_of(item) for name, item in items.items()}
         plan, tree, blobs = _plan(items)
         manifest = {
             "torchvault": "checkpoint",
@@ -149,7 +201,7 @@ class CheckpointManager:
             "step": step,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "metrics": _tree.encode(numbers, no_tensors),
-            "metadata": dict(metadata or {}),
+            "metadata": notes,
             "versions": versions(),
             "items": kinds,
             "tree": tree,
@@ -217,18 +269,24 @@ class CheckpointManager:
             self._changed = {i for i, blob in enumerate(stored) if blob.digest not in before}
         manifest["blobs"] = [[b.digest, b.dtype, list(b.shape), b.nbytes] for b in stored]
         manifest["bytes"] = {"total": sum(b.nbytes for b in stored), "new": new}
+        ranking = None
+        if self._metric is not None:  # readers without a manager learn "best" from here
+            records = [*self._ranked(), retention.CheckpointRecord(step, numbers)]
+            ranking = Ranking(*self._metric, retention.best_step(records, *self._metric))
+            manifest["monitor"] = ranking.document()
+        record = _Record(numbers, {b.digest for b in stored}, ranking)
         try:
             self._store.commit(step, manifest)
         except CheckpointWriteError:
             if not self._store.committed(step):
                 raise
-            self._records[step] = (numbers, {b.digest for b in stored})
+            self._records[step] = record
             raise  # committed, but its folder sync failed: the message says so
-        self._records[step] = (numbers, {b.digest for b in stored})
+        self._records[step] = record
         try:
             self._store.set_ref("latest", step)
-            best = self.best_step
-            if self._monitor is not None and best is not None and best != self._best_ref:
+            best = self._best()[0]
+            if self._metric is not None and best is not None and best != self._best_ref:
                 self._store.set_ref("best", best)
                 self._best_ref = best
             self._prune(dry_run=False)
@@ -242,6 +300,10 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the save in flight (``async_save``) is committed; raise its error."""
+        self._check_open()
+        self._wait()
+
+    def _wait(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
@@ -250,14 +312,13 @@ class CheckpointManager:
 
     def prune(self, *, dry_run: bool = False) -> list[int]:
         """Apply the retention policy now; return the steps deleted (or that would be)."""
-        self.wait()
+        self._check_open()
+        self._wait()
         return self._prune(dry_run=dry_run)
 
     def _prune(self, *, dry_run: bool) -> list[int]:
-        records = [
-            retention.CheckpointRecord(step, m) for step, (m, _) in sorted(self._records.items())
-        ]
-        protect = {s for s in (self.latest_step, self.best_step) if s is not None}
+        records = self._ranked()
+        protect = {s for s in (self._latest(), self._best()[0]) if s is not None}
         doomed = retention.plan_deletions(records, self._policy, protect=protect)
         if dry_run or not doomed:
             return doomed
@@ -272,32 +333,36 @@ class CheckpointManager:
     @property
     def steps(self) -> list[int]:
         """Every committed step, ascending."""
+        self._check_open()
         return sorted(self._records)
 
     @property
     def latest_step(self) -> int | None:
-        return max(self._records, default=None)
+        """The newest committed step, or None in an empty run."""
+        self._check_open()
+        return self._latest()
 
     @property
     def best_step(self) -> int | None:
-        """The best step by ``monitor``; without a monitor, the step the run's ``best``
-        pointer names (set by an earlier manager that had one), if it is still committed."""
-        if self._monitor is None:
-            return self._best_ref if self._best_ref in self._records else None
-        records = [
-            retention.CheckpointRecord(step, m) for step, (m, _) in sorted(self._records.items())
-        ]
-        return retention.best_step(records, self._monitor, self._mode)
+        """The best committed step by the metric that defines it: ``monitor`` or the
+        policy's KeepBest. Without one, the run's own: the best its newest checkpoint recorded
+        (recomputed by that metric if pruned), or else the step its ``best`` pointer names
+        (an older run's). None when no metric defines a best, never the latest instead."""
+        self._check_open()
+        return self._best()[0]
 
     def metrics(self, step: int) -> dict[str, float]:
         """The metrics saved with ``step``."""
+        self._check_open()
         if step not in self._records:
             raise CheckpointNotFoundError(f"step {step} is not committed in {self._store.root}.")
-        return dict(self._records[step][0])
+        return dict(self._records[step].metrics)
 
     def list(self) -> list[CheckpointSummary]:
-        """A summary of every committed checkpoint."""
-        return summarize(self._store)
+        """A summary of every committed checkpoint; ``best`` marks :attr:`best_step`."""
+        self._check_open()
+        best = self._best()[0]
+        return [dataclasses.replace(c, best=c.step == best) for c in summarize(self._store)]
 
     def restore(
         self,
@@ -322,8 +387,16 @@ class CheckpointManager:
 
         With ``async_save``, the staging buffers for these items are then prepared in the
         background, so the first save() returns as fast as later ones.
+
+        Raises:
+            CheckpointNotFoundError: no such step; ``"best"`` when no metric defines one.
+            RestoreMismatchError: with ``strict``, items and targets differ.
+            TypeError, ValueError: a target of the wrong kind (a ``torch.Generator`` item
+                needs a generator on the same kind of device), or a bad ``step``.
         """
-        self.wait()
+        self._check_open()
+        self._wait()
+        step = self._resolve(step)
         report = restore(self._store, step, strict=strict, map_location=map_location, items=items)
         if self._executor is not None and items:
             sizes = [blob.nbytes for blob in _plan(items)[2]]
@@ -343,21 +416,27 @@ class CheckpointManager:
         the state of one ``item``; tensors are mapped from the run's objects, not copied.
         Random generator states are not applied (that is :meth:`restore`'s job).
 
+        A ``torch.Generator`` item comes back as ``{"device": ..., "state": uint8 tensor}``.
+
         Raises:
-            CheckpointNotFoundError: the run has no such step, or the step no such item.
+            CheckpointNotFoundError: the run has no such step (``"best"``: no metric defines
+                one), or the step no such item.
 
         Example:
             >>> model.load_state_dict(mgr.load("best", item="model"))
         """
-        self.wait()
+        self._check_open()
+        self._wait()
+        step = self._resolve(step)
         return load_items(self._store, step, item=item, map_location=map_location)[1]
 
     def export(
         self, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None
     ) -> None:
         """Write a committed checkpoint (or one ``item`` of it) as a standalone torchvault file."""
-        self.wait()
-        export(self._store, step, path, item=item)
+        self._check_open()
+        self._wait()
+        export(self._store, self._resolve(step), path, item=item)
 
     def export_program(
         self, step: int, model: torch.nn.Module, example_inputs: Any, **options: Any
@@ -371,8 +450,10 @@ class CheckpointManager:
             >>> program = tv.load_program("runs/exp1", step="best")
         """
         from .export import export_program, program_path  # torch.export is heavy: on first use
+        from .export._program import held_run
 
-        self.wait()
+        self._check_open()
+        self._wait()
         if step not in self._records:
             raise CheckpointNotFoundError(
                 f"step {step} is not committed in {self._store.root}; export a committed step "
@@ -381,20 +462,26 @@ class CheckpointManager:
             )
         path = program_path(self._store.root, step)
         make_dirs(path.parent)
-        return export_program(model, example_inputs, path, **options)
+        with held_run(self._store.root):  # this manager holds the run's lock already
+            return export_program(model, example_inputs, path, **options)
 
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Finish the save in flight, then release the run's lock."""
+        """Finish the save in flight, then release the run's lock. Calling it again does
+        nothing; every other method of a closed manager raises :class:`ManagerClosedError`."""
+        if self._closed:
+            return
         try:
-            self.wait()
+            self._wait()
         finally:
+            self._closed = True
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._lock.close()
 
     def __enter__(self) -> CheckpointManager:
+        self._check_open()
         return self
 
     def __exit__(
@@ -402,19 +489,64 @@ class CheckpointManager:
     ) -> None:
         self.close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosedError(
+                f"this CheckpointManager of {self._store.root} is closed: it released the "
+                "run's lock, so it saves, prunes and reads nothing more. Create a new one "
+                "(tv.CheckpointManager(run)), or keep using it inside its `with` block.",
+                path=self._store.root,
+            )
+
+    def _latest(self) -> int | None:
+        return max(self._records, default=None)
+
+    def _ranked(self) -> builtins.list[retention.CheckpointRecord]:
+        return [retention.CheckpointRecord(s, r.metrics) for s, r in sorted(self._records.items())]
+
+    def _best(self) -> tuple[int | None, str]:
+        """The best step and, when there is none, why (as ``_run.pick_best`` says it)."""
+        if self._metric is not None:
+            best = retention.best_step(self._ranked(), *self._metric)
+            return best, f"no checkpoint has a usable (present, non-NaN) {self._metric[0]!r}."
+        return self._run_best()
+
+    def _run_best(self) -> tuple[int | None, str]:
+        """The best as readers without a manager see it (``_run.pick_best``)."""
+        steps = sorted(self._records)
+        latest = self._records[steps[-1]].ranking if steps else None
+        return pick_best(steps, latest, self._best_ref, lambda s: self._records[s].metrics)
+
+    def _resolve(self, step: StepRef) -> StepRef:
+        """``"best"`` as this manager defines it (its metric may be newer than the run's
+        newest checkpoint); other references as every reader resolves them."""
+        check_ref(step)
+        if step != "best" or not self._records:
+            return step
+        best, why = self._best()
+        if best is None:
+            raise CheckpointNotFoundError(
+                f"{self._store.root} has no best checkpoint: {why}", path=self._store.root
+            )
+        return best
+
     def _digests(self) -> set[str]:
         """The objects the committed checkpoints refer to."""
-        return set().union(*(digests for _, digests in self._records.values()))
+        return set().union(*(record.digests for record in self._records.values()))
 
-    def _record(self, step: int) -> tuple[dict[str, float], set[str]]:
+    def _record(self, step: int) -> _Record:
         manifest = self._store.manifest(step)
         path = str(self._store.manifest_path(step))
-        return metrics_of(manifest, path), {b.digest for b in blobs_of(manifest, path)}
+        return _Record(
+            metrics_of(manifest, path),
+            {b.digest for b in blobs_of(manifest, path)},
+            ranking_of(manifest, path),
+        )
 
 
 def _plan(items: Mapping[str, Any]) -> tuple[TensorPlan, _tree.Json, list[Blob]]:
     """The tree, tensor table and blobs of a checkpoint of ``items`` and the RNG states."""
-    state = {name: item.state_dict() if stateful(item) else item for name, item in items.items()}
+    state = {name: state_of(item) for name, item in items.items()}
     with _gc_paused():
         plan = TensorPlan()
         tree = _tree.encode({ITEMS: state, RNG: _rng.capture()}, plan.add)

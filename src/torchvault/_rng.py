@@ -53,6 +53,60 @@ def restore(state: object, path: str) -> tuple[str, ...]:
     return tuple(restored)
 
 
+def generator_state(generator: torch.Generator) -> dict[str, object]:
+    """What a ``torch.Generator`` item of a checkpoint holds: its device and its state (a
+    uint8 tensor on the CPU, whatever the device: that is what ``get_state`` returns)."""
+    return {"device": str(generator.device), "state": generator.get_state()}
+
+
+def check_generator(target: object, saved: object, name: str, path: str) -> torch.Tensor:
+    """The state to put into ``target``, a ``torch.Generator`` for the saved item ``name``.
+
+    Raises:
+        TypeError: ``target`` is not a ``torch.Generator``.
+        ValueError: ``target`` is on another kind of device than the saved generator (their
+            states differ in kind: a CPU Mersenne Twister, a CUDA Philox seed and offset).
+        CorruptCheckpointError: the saved state is malformed.
+    """
+    if not isinstance(target, torch.Generator):
+        raise TypeError(
+            f"restore({name}=...) needs a torch.Generator ({name!r} was saved from one), "
+            f"got {type(target).__name__}"
+        )
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("device"), str)
+        or not isinstance(saved.get("state"), torch.Tensor)
+        or saved["state"].dtype != torch.uint8
+    ):
+        raise _corrupt(path, f"the saved state of generator {name!r} is malformed")
+    try:
+        device = torch.device(saved["device"])
+    except RuntimeError as exc:
+        raise _corrupt(path, f"generator {name!r} names no device ({exc})") from exc
+    if device.type != target.device.type:
+        raise ValueError(
+            f"restore({name}=...) got a generator on {target.device}, but {name!r} was saved "
+            f"from one on {device}: pass torch.Generator(device={device.type!r})"
+        )
+    state: torch.Tensor = saved["state"]
+    return state
+
+
+def set_generator(target: torch.Generator, saved: object, name: str, path: str) -> None:
+    """Put a saved ``torch.Generator`` item's state into ``target`` in place (checked as by
+    :func:`check_generator`, whose errors it raises).
+
+    Raises:
+        CorruptCheckpointError: also when the generator refuses the saved state.
+    """
+    state = check_generator(target, saved, name, path)
+    try:
+        target.set_state(_byte_tensor(state))
+    except (TypeError, RuntimeError) as exc:
+        raise _corrupt(path, f"generator {name!r}: its saved state was refused ({exc})") from exc
+
+
 def _python_state(value: Any) -> tuple[object, ...]:
     # random.setstate wants the inner sequence as a tuple, as getstate() gives it.
     if (

@@ -3,14 +3,14 @@ into targets, exporting it, summarizing the run. The CLI and CheckpointManager s
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from . import _rng, _tree
+from . import _rng, _tree, retention
 from ._file import _gc_paused, save
 from ._format import Entry
 from ._load_into import load_into
@@ -22,10 +22,40 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreMism
 StepRef = int | Literal["latest", "best"]
 RNG = "rng"
 ITEMS = "items"
+STATE, VALUE, GENERATOR = "state", "value", "generator"  # the kinds of items a manifest lists
+
+
+def check_ref(step: object) -> StepRef:
+    """``step`` if it names a checkpoint the way every reader accepts.
+
+    Raises:
+        TypeError: not a step number or a name.
+        ValueError: a negative number, or a name other than ``"latest"`` and ``"best"`` (a
+            misspelt name must never quietly mean the latest).
+    """
+    if isinstance(step, str):
+        if step not in ("latest", "best"):
+            raise ValueError(
+                f"step {step!r} is not a checkpoint name: use 'latest', 'best' or a step number"
+            )
+        return step  # type: ignore[return-value]
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(
+            f"step must be a step number, 'latest' or 'best', got {type(step).__name__} {step!r}"
+        )
+    if step < 0:
+        raise ValueError(f"step must be 0 or more, got {step}")
+    return step
 
 
 def resolve(store: RunStore, step: StepRef) -> int | None:
-    """The step ``"latest"``, ``"best"`` or a number names; None when the run is empty."""
+    """The step ``"latest"``, ``"best"`` or a number names; None when the run is empty.
+
+    Raises:
+        CheckpointNotFoundError: no such step, or ``"best"`` when no metric defines one.
+        TypeError, ValueError: ``step`` is not a step reference (see :func:`check_ref`).
+    """
+    check_ref(step)
     steps = store.steps()
     if isinstance(step, int):
         if step not in steps:
@@ -38,11 +68,94 @@ def resolve(store: RunStore, step: StepRef) -> int | None:
         return None
     if step == "latest":
         return steps[-1]  # the pointer is written after the commit: it can only lag behind
-    with contextlib.suppress(CorruptCheckpointError):
-        named = store.ref(step)
-        if named in steps:
-            return named
-    return steps[-1]  # a missing or damaged best pointer: the newest committed checkpoint
+    best, why = best_of(store, steps)
+    if best is None:
+        raise CheckpointNotFoundError(
+            f"{store.root} has no best checkpoint: {why}", path=store.root
+        )
+    return best
+
+
+# ---------------------------------------------------------------------- what "best" means
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The metric that defines a run's best, as a manifest records it: the manager's
+    ``monitor`` (or its KeepBest policy's), and the best step when that checkpoint was saved."""
+
+    metric: str
+    mode: str
+    best: int | None
+
+    def document(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "best": self.best}
+
+
+def ranking_of(manifest: dict[str, Any], path: str) -> Ranking | None:
+    """The ranking a manifest records, or None (saved without a metric, or before manifests
+    recorded one).
+
+    Raises:
+        CorruptCheckpointError: the field is there but malformed.
+    """
+    raw = manifest.get("monitor")
+    if raw is None:
+        return None
+    best = raw.get("best") if isinstance(raw, dict) else None
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("metric"), str)
+        or raw.get("mode") not in ("min", "max")
+        or not (best is None or (type(best) is int and best >= 0))
+    ):
+        raise CorruptCheckpointError(f"{path}: its monitor entry is malformed.", path=path)
+    return Ranking(raw["metric"], raw["mode"], best)
+
+
+def pick_best(
+    steps: Sequence[int],
+    latest: Ranking | None,
+    pointer: int | None,
+    metrics: Callable[[int], Mapping[str, float] | None],
+) -> tuple[int | None, str]:
+    """The best of the committed ``steps``, and why there is none when there is none.
+
+    The newest checkpoint's ranking decides: the best it recorded if still committed, else
+    the best by its metric over ``metrics(step)`` (None: pruned meanwhile). A run whose newest
+    checkpoint records no metric (older runs, managers without one) keeps the step its best
+    pointer names, if committed. Otherwise no metric defines a best: never the latest.
+    """
+    if latest is not None:
+        if latest.best in steps:
+            return latest.best, ""
+        records = []
+        for step in steps:
+            found = metrics(step)
+            if found is not None:
+                records.append(retention.CheckpointRecord(step, found))
+        best = retention.best_step(records, latest.metric, latest.mode)
+        return best, f"no checkpoint has a usable (present, non-NaN) {latest.metric!r}."
+    if pointer in steps:
+        return pointer, ""
+    return None, (
+        "no metric defines it: the run was saved without monitor= or a KeepBest policy. Ask "
+        "for 'latest' or a step number, or rank the run with CheckpointManager(monitor=...)."
+    )
+
+
+def best_of(store: RunStore, steps: Sequence[int]) -> tuple[int | None, str]:
+    """:func:`pick_best` over a run read without a lock (``steps``: its committed steps)."""
+    newest = steps[-1]
+    latest = ranking_of(store.manifest(newest), str(store.manifest_path(newest)))
+
+    def metrics(step: int) -> Mapping[str, float] | None:
+        try:
+            return metrics_of(store.manifest(step), str(store.manifest_path(step)))
+        except CheckpointNotFoundError:
+            return None  # pruned by the writer since it was listed
+
+    return pick_best(steps, latest, readable_ref(store, "best"), metrics)
 
 
 def load_tree(
@@ -102,19 +215,24 @@ def restore(
     manifest, state = load_tree(store, chosen, map_location)
     path = str(store.manifest_path(chosen))
     saved, kinds = state[ITEMS], manifest.get("items", {})
-    stateful = {name for name in saved if kinds.get(name) == "state"}
+    stateful = {name for name in saved if kinds.get(name) in (STATE, GENERATOR)}
     missing = tuple(sorted(stateful - set(items)))
     unexpected = tuple(sorted(set(items) - stateful))
     if strict and (missing or unexpected):
         raise RestoreMismatchError(
             _mismatch(path, missing, unexpected), missing=missing, unexpected=unexpected, path=path
         )
+    for name, target in items.items():  # every target checked before any is changed
+        if name in stateful:
+            _check_target(name, kinds.get(name), target, saved[name], path)
     reports: dict[str, LoadReport] = {}
     restored = []
     for name, target in items.items():
         if name not in stateful:
             continue
-        if isinstance(target, torch.nn.Module):
+        if kinds.get(name) == GENERATOR:
+            _rng.set_generator(target, saved[name], name, path)
+        elif isinstance(target, torch.nn.Module):
             reports[name] = load_into(target, saved[name], strict=strict)
         else:
             target.load_state_dict(saved[name])
@@ -167,9 +285,11 @@ def export(
 
 def summarize(store: RunStore) -> list[CheckpointSummary]:
     """Every committed checkpoint of a run, with size and pointers."""
-    latest, best = resolve(store, "latest"), resolve(store, "best")
+    steps = store.steps()
+    latest = steps[-1] if steps else None
+    best = best_of(store, steps)[0] if steps else None
     out = []
-    for step in store.steps():
+    for step in steps:
         try:
             manifest = store.manifest(step)
         except CheckpointNotFoundError:
@@ -209,10 +329,20 @@ def readable_ref(store: RunStore, name: str) -> int | None:
         return None  # a damaged pointer is rewritten by the next save
 
 
-def stateful(item: object) -> bool:
+def is_stateful(item: object) -> bool:
     return callable(getattr(item, "state_dict", None)) and callable(
         getattr(item, "load_state_dict", None)
     )
+
+
+def _check_target(name: str, kind: object, target: object, saved: object, path: str) -> None:
+    if kind == GENERATOR:
+        _rng.check_generator(target, saved, name, path)
+    elif kind == STATE and not is_stateful(target):
+        raise TypeError(
+            f"restore({name}=...) needs an object with load_state_dict ({name!r} was saved "
+            f"from one), got {type(target).__name__}"
+        )
 
 
 def _mismatch(path: str, missing: tuple[str, ...], unexpected: tuple[str, ...]) -> str:

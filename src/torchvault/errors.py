@@ -12,6 +12,7 @@ would already catch for that kind of failure::
     ├── StateDictMismatchError(RuntimeError)         load_into found keys or shapes that differ
     ├── RestoreMismatchError(RuntimeError)           restore found items without a target
     ├── RunLockedError(RuntimeError)                 another writer holds the run folder
+    ├── ManagerClosedError(RuntimeError)             a closed CheckpointManager was used
     ├── ExportError(RuntimeError)                    the model could not be exported, checked or run
     ├── ExportMismatchError(RuntimeError)            an exported artifact computes something else
     └── CheckpointWriteError(OSError)                the disk refused a write (ENOSPC, EIO, ...)
@@ -29,6 +30,7 @@ __all__ = [
     "CorruptCheckpointError",
     "ExportError",
     "ExportMismatchError",
+    "ManagerClosedError",
     "RestoreMismatchError",
     "RunLockedError",
     "StateDictMismatchError",
@@ -118,6 +120,11 @@ class CheckpointWriteError(TorchVaultError, OSError):
 
 class RunLockedError(TorchVaultError, RuntimeError):
     """Another CheckpointManager is writing to this run folder."""
+
+
+class ManagerClosedError(TorchVaultError, RuntimeError):
+    """A method of a closed :class:`~torchvault.CheckpointManager` was called. Its lock is
+    released (another writer may hold the run now), so it writes and reads nothing more."""
 
 
 class RestoreMismatchError(TorchVaultError, RuntimeError):

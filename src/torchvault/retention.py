@@ -223,6 +223,21 @@ def best_step(
     return ranked[0] if ranked else None
 
 
+def ranked_by(policy: RetentionPolicy) -> list[tuple[str, str]]:
+    """The ``(monitor, mode)`` of every :class:`KeepBest` in ``policy``, looking inside
+    :class:`AnyOf`; distinct, in order. A checkpoint manager's ``best`` is defined by these.
+
+    >>> ranked_by(KeepLast(2) | KeepBest(1, "val_loss") | KeepBest(3, "val_loss"))
+    [('val_loss', 'min')]
+    """
+    if isinstance(policy, KeepBest):
+        return [(policy.monitor, policy.mode)]
+    if isinstance(policy, AnyOf):
+        found = (pair for member in policy.policies for pair in ranked_by(member))
+        return list(dict.fromkeys(found))
+    return []
+
+
 def plan_deletions(
     checkpoints: Sequence[CheckpointRecord], policy: RetentionPolicy, *, protect: Iterable[int] = ()
 ) -> list[int]:

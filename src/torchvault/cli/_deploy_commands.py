@@ -29,6 +29,8 @@ import torch
 from .. import _run
 from .._load_into import load_into
 from .._report import ExportReport, QuantizationReport
+from .._run import StepRef
+from .._store import RunStore
 from ..errors import CheckpointNotFoundError
 from ..export._pt2 import first_line
 from ..export._quantize_backends import chosen_backend
@@ -75,16 +77,18 @@ MODEL_ARGUMENTS = (
         {
             "metavar": "PATH_OR_RUN",
             "help": "weights: a checkpoint file (torchvault, safetensors, torch.save, Lightning) "
-            "or a run folder (its best checkpoint by default); none: the factory's weights",
+            "or a run folder (its best checkpoint by default, or its latest when no metric "
+            "ranks the run); none: the factory's weights",
         },
     ),
     Argument(
         ("--step",),
         {
             "type": step_argument,
-            "default": "best",
+            "default": None,
             "metavar": "latest|best|N",
-            "help": "with a run folder: the checkpoint to load (default: best)",
+            "help": "with a run folder: the checkpoint to load (default: best, or latest when "
+            "no metric defines a best; stderr says which)",
         },
     ),
     Argument(
@@ -221,7 +225,7 @@ def _load_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
         raise CheckpointNotFoundError(f"{source}: no such file or run folder", path=source)
     if os.path.isdir(source) and os.path.isdir(os.path.join(source, "checkpoints")):
         store = open_run(source)
-        step = resolve(store, args.step)
+        step = resolve(store, _default_step(store) if args.step is None else args.step)
         _, state = _run.load_tree(store, step)
         items = state[_run.ITEMS]
         if args.item not in items:
@@ -233,6 +237,20 @@ def _load_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
         load_into(model, items[args.item])
     else:
         load_into(model, source)
+
+
+def _default_step(store: RunStore) -> StepRef:
+    """``best`` when a metric defines it, else ``latest``, said on stderr: a run without a
+    metric has no best, and the latest is only the default, never labelled best."""
+    steps = store.steps()
+    if not steps or _run.best_of(store, steps)[0] is not None:
+        return "best"
+    print(
+        f"torchvault: {one_line(str(store.root))} has no metric that defines a best "
+        f"checkpoint: loading the latest, step {steps[-1]}",
+        file=sys.stderr,
+    )
+    return "latest"
 
 
 def _dynamic(args: argparse.Namespace) -> dict[str, Any]:

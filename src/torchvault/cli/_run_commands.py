@@ -27,7 +27,7 @@ from ._runs import (
     open_run,
     parse_source,
     positive_int,
-    recorded_best,
+    recorded_bests,
     resolve,
     step_argument,
     summaries,
@@ -159,8 +159,8 @@ def prune(args: argparse.Namespace) -> int:
     """Delete the checkpoints a retention policy does not keep (never the latest or best).
 
     The policies given are united: a checkpoint any of them keeps stays. The latest
-    checkpoint and the run's best (the step its best pointer names, and the best by
-    --monitor) are always kept. Without a policy flag prune refuses (exit 2).
+    checkpoint and the run's best (by the metric its newest checkpoint records, the step its
+    best pointer names, and the best by --monitor) are always kept. Without a policy flag prune refuses (exit 2).
 
     Without --dry-run, prune takes the run's writer lock (it opens a CheckpointManager):
     while a trainer holds the lock, prune deletes nothing and exits 1. --dry-run takes no
@@ -174,7 +174,7 @@ def prune(args: argparse.Namespace) -> int:
     if args.keep_best is not None and args.monitor is None:
         raise UsageError("--keep-best needs --monitor METRIC (the metric to rank by)")
     store = open_run(args.run)
-    pins = {step for step in (recorded_best(store),) if step is not None}
+    pins = recorded_bests(store)
     if args.dry_run:
         deleted, freed = _plan(store, args, pins)
     else:
@@ -229,8 +229,8 @@ def _plan(store: RunStore, args: argparse.Namespace, pins: set[int]) -> tuple[li
         pinned=pins,
     )
     latest = max(c.step for c in checkpoints)
-    best = retention.best_step(records, args.monitor, args.mode) if args.monitor else latest
-    protect = {step for step in (latest, best) if step is not None}
+    best = retention.best_step(records, args.monitor, args.mode) if args.monitor else None
+    protect = {step for step in (latest, best) if step is not None}  # the run's best: pins
     doomed = retention.plan_deletions(records, policy, protect=protect)
     if not doomed:
         return [], 0

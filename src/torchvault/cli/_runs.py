@@ -65,11 +65,17 @@ def resolve(store: RunStore, ref: StepRef) -> int:
     return _sources.resolve_step(store, ref)
 
 
-def recorded_best(store: RunStore) -> int | None:
-    """The step the run's ``best`` pointer names (as its trainer ranked it), if readable."""
+def recorded_bests(store: RunStore) -> set[int]:
+    """The steps a prune must keep as the run's best: the best as its newest checkpoint
+    ranks it (see ``_run.pick_best``), and the step its ``best`` pointer names, which a crash
+    may have left behind the true best. Empty when no metric defines a best."""
+    found = set()
     with contextlib.suppress(CorruptCheckpointError):
-        return store.ref("best")
-    return None
+        found.add(store.ref("best"))
+    steps = store.steps()
+    if steps:
+        found.add(_run.best_of(store, steps)[0])
+    return {step for step in found if step is not None}
 
 
 # ---------------------------------------------------------------------- RUN@STEP

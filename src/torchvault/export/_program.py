@@ -43,11 +43,14 @@ names as identifiers. torch then loads an archive rebuilt in memory from the che
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -55,7 +58,7 @@ import torch
 from .. import _commit
 from .._report import ExportReport
 from .._run import StepRef, resolve
-from .._store import PROGRAMS, RunStore, program
+from .._store import PROGRAMS, RUN_FILE, RunStore, program
 from ..errors import (
     CheckpointNotFoundError,
     ExportError,
@@ -63,6 +66,7 @@ from ..errors import (
     TorchVaultError,
 )
 from ..legacy._reader import open_mapped
+from ..storage import LocalStorage
 from . import _compare
 from ._pt2 import build, first_line, rebuild
 
@@ -123,6 +127,8 @@ def export_program(
             chained.
         CheckpointWriteError: the destination is a folder, its folder is missing, or a write,
             fsync or rename failed.
+        RunLockedError: ``path`` is in a run folder (:func:`program_path`) that a
+            CheckpointManager is writing: use its ``export_program`` instead.
         ValueError: ``dynamic_shapes="batch"`` with a scalar input, another string, or a
             negative ``samples``.
 
@@ -155,9 +161,39 @@ def export_program(
                 report = _report(job, len(data), program)
             else:
                 report = _validate(job, len(data), model, program, loaded, inputs)
-    with _commit.atomic_file(job.dest) as handle:
+    with _run_lock(job.dest), _commit.atomic_file(job.dest) as handle:
         handle.write(data)
     return report
+
+
+# The run whose lock the caller (a CheckpointManager) already holds: a second flock from the
+# same process would be refused.
+_HELD: contextvars.ContextVar[str | None] = contextvars.ContextVar("torchvault_run", default=None)
+
+
+@contextlib.contextmanager
+def held_run(run: str | os.PathLike[str]) -> Iterator[None]:
+    """Within this block, the caller holds the writer lock of ``run``."""
+    token = _HELD.set(os.path.realpath(run))
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
+
+
+def _run_lock(dest: Path) -> AbstractContextManager[None]:
+    """The writer lock of the run whose programs folder ``dest`` is in (nothing writes into a
+    run without it: a trainer's prune could race the write), or nothing for other paths.
+
+    Raises:
+        RunLockedError: a CheckpointManager (or a prune) is writing the run.
+    """
+    run = dest.parent.parent
+    if dest.parent.name != PROGRAMS or not (run / RUN_FILE).is_file():
+        return contextlib.nullcontext()
+    if _HELD.get() == os.path.realpath(run):
+        return contextlib.nullcontext()
+    return LocalStorage(run).lock()
 
 
 def program_path(run: str | os.PathLike[str], step: int) -> Path:

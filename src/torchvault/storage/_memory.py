@@ -6,6 +6,7 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 
+from .._lock import held_here
 from ..errors import RunLockedError
 
 
@@ -57,10 +58,7 @@ class MemoryStorage:
     def lock(self) -> Iterator[None]:
         with self._mutex:
             if self._locked:
-                raise RunLockedError(
-                    f"{self.label} is being written by another CheckpointManager; only one may "
-                    "write a run at a time."
-                )
+                raise RunLockedError(held_here(self.label))  # memory is never shared
             self._locked = True
         try:
             yield
