@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from . import _format, _stored, _tree
+from . import _args, _format, _placement, _stored, _tree
 from ._commit import atomic_file
 from ._contents import (
     CREATED,
@@ -28,7 +28,6 @@ from ._report import CheckpointInfo, SaveReport, TensorInfo, VerifyReport
 from ._stored import Storing
 from ._tensors import MapLocation, TensorPlan
 from ._version import __version__
-from .errors import UnsupportedTypeError
 
 PathLike = str | os.PathLike[str]
 
@@ -66,12 +65,17 @@ def save(
         the error its conversion made.
 
     Raises:
+        TypeError, ValueError: an argument of the wrong type or value (a URL ``path``, a
+            ``metadata`` key or value that is not a ``str``), naming it.
         UnsupportedTypeError: a value the format cannot hold, naming its path in the tree.
         CheckpointWriteError: the disk refused the write; the old file is intact.
 
     Example:
         >>> tv.save(model, "model.tv", metadata={"run": "exp1"})
     """
+    if not _args.is_stream(path):
+        path = _args.path(path)
+    metadata = _args.metadata(metadata)
     state = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     with _gc_paused():
         plan = TensorPlan()
@@ -102,12 +106,6 @@ def _members(
         CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     for key, value in (user or {}).items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise UnsupportedTypeError(
-                f"metadata must map str to str; got {key!r}: {type(value).__name__}. "
-                "Convert values with str() or json.dumps().",
-                key=str(key),
-            )
         if key.startswith(_format.RESERVED) or key == _format.META:
             raise ValueError(f"metadata key {key!r} is reserved for torchvault; rename it.")
         members[key] = value
@@ -142,8 +140,11 @@ def load(
             torch.save file or Hugging Face model folder, read by the restricted reader of
             :func:`load_legacy` (zero-copy, every zip CRC checked; ``lazy`` and ``verify``
             do not apply).
-        map_location: where tensors go: a device (``"cpu"``, ``"cuda:0"``), ``None`` for the
-            device each tensor was saved from, or a dict from saved device to target device.
+        map_location: where tensors go, as ``torch.load`` takes it: a device (``"cpu"``,
+            ``"cuda:0"``, ``"meta"``), ``None`` for the device each tensor was saved from, a
+            dict from saved device to target device, or a callable
+            ``(storage, location) -> storage | None`` (``lambda storage, loc: storage`` keeps
+            everything on the CPU).
         lazy: map the file and read no tensor byte until a tensor is used.
         verify: check every tensor's checksum before returning (with ``lazy=False``). The
             header is always checked. With ``lazy=True`` data checksums are not read: use
@@ -152,6 +153,8 @@ def load(
             they had (int8-quantized tensors are always dequantized).
 
     Raises:
+        TypeError, ValueError: a wrong argument, naming it: a URL or non-path ``path``, a
+            ``map_location`` that is not a device, or a device this machine lacks.
         CheckpointNotFoundError: no file at ``path``.
         CorruptCheckpointError: the file is malformed, truncated or fails a checksum; the
             message names the tensor.
@@ -164,13 +167,18 @@ def load(
     """
     from .legacy import _dispatch  # imported here: the legacy package imports this module
 
+    if not _args.is_stream(path):
+        path = _args.path(path)
+    placement = _placement.check(map_location)
+    lazy, verify = _args.flag(lazy, "lazy"), _args.flag(verify, "verify")
+    restore_dtype = _args.flag(restore_dtype, "restore_dtype")
     if _dispatch.is_foreign(path):
-        return _dispatch.load(path, map_location=map_location)
+        return _dispatch.load(path, map_location=placement)
     with _gc_paused():
         contents, mapping = open_file(path)
         if verify and not lazy:
             contents.verify_data(mapping)
-        table = contents.table(mapping, map_location)
+        table = contents.table(mapping, placement)
         stored = _stored.records(contents.header.metadata, contents.path)
         return contents.decode(
             _stored.source(table.get, stored, restore_dtype=restore_dtype, path=contents.path)
@@ -203,6 +211,8 @@ def inspect(path: PathLike) -> CheckpointInfo:
     """
     from .legacy import _dispatch
 
+    if not _args.is_stream(path):
+        path = _args.path(path)
     if _dispatch.is_foreign(path):
         return _dispatch.inspect(path)
     contents, _ = open_file(path)
@@ -263,6 +273,8 @@ def verify(path: PathLike) -> VerifyReport:
     """
     from .legacy import _dispatch
 
+    if not _args.is_stream(path):
+        path = _args.path(path)
     if _dispatch.is_foreign(path):
         return _dispatch.verify(path)
     contents, mapping = open_file(path)

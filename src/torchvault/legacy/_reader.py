@@ -14,12 +14,12 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .._tensors import MapLocation
+from .._placement import MapLocation, Misplaced, Placement, check
 from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -88,20 +88,24 @@ class Session:
     """One read of one file."""
 
     def __init__(
-        self, path: str, *, map_location: MapLocation = "cpu", permissive: bool = False
+        self,
+        path: str,
+        *,
+        map_location: MapLocation | Placement = "cpu",
+        permissive: bool = False,
     ) -> None:
         self.path = path
-        self.map_location = map_location
+        self.placement = check(map_location)
         self.permissive = permissive
         self.seen: Counter[str] = Counter()
         self.refused: set[str] = set()
         self.anomalies: list[str] = []
         self.format = "unknown"
-        self.context = _allowlist.Context(self._device)
+        self.context = _allowlist.Context(self._place)
         self.table = _allowlist.table(self.context)
         self.persistent: Callable[[object], object] | None = None  # the tar format's own
         self.storages: dict[str, _allowlist.Storage] = {}
-        self._devices: dict[str, torch.device] = {}
+        self._placed: dict[str, torch.Tensor] = {}
 
     # -- the unpickler's callbacks ------------------------------------------------------
 
@@ -159,27 +163,26 @@ class Session:
             raise CorruptCheckpointError(f"storage {key} is declared twice with different sizes")
         return known
 
-    def _device(self, saved: str) -> torch.device:
-        device = self._devices.get(saved)
-        if device is None:
-            where = self.map_location
-            if isinstance(where, Mapping):
-                where = where.get(saved, saved)
-            if where is None:
-                where = saved
-            if isinstance(where, str) and not _allowlist.DEVICE.fullmatch(where):
+    def _place(self, storage: _allowlist.Storage) -> torch.Tensor:
+        """A storage's bytes where ``map_location`` puts them, once per storage, so tensors
+        sharing a storage share it on the target device too."""
+        placed = self._placed.get(storage.key)
+        if placed is None:
+            if storage.data is None:
+                raise CorruptCheckpointError(f"storage {storage.key} was never read")
+            if not _allowlist.DEVICE.fullmatch(storage.location):
                 raise CorruptCheckpointError(
-                    f"a tensor was saved on device {saved!r:.40}, which is not a device name; "
-                    "pass map_location='cpu'"
+                    f"a tensor was saved on device {storage.location!r:.40}, which is not a "
+                    "device name"
                 )
-            device = torch.device(where)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise UnsupportedFormatError(
-                    f"tensors saved on {saved} would go to {device}, but CUDA is not available "
-                    "here; pass map_location='cpu'"
-                )
-            self._devices[saved] = device
-        return device
+            try:
+                placed = self.placement.place(storage.data, storage.location)
+            except TorchVaultError:
+                raise
+            except Exception as exc:  # map_location's fault, or its callable's: not the file's
+                raise Misplaced(exc) from exc
+            self._placed[storage.key] = placed
+        return placed
 
     # -- running a stream ------------------------------------------------------------------
 
@@ -214,6 +217,8 @@ class Session:
     def finish(self, obj: object) -> object:
         try:
             return finish(obj, keep=lambda o: isinstance(o, Stub))
+        except Misplaced as exc:
+            raise exc.error from None
         except TorchVaultError as exc:
             raise located(exc, self.path) from exc
         except RecursionError:  # a caller already deep in its own stack
