@@ -18,7 +18,7 @@ from .errors import UnsupportedTypeError
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+://")
 
 
-def path(value: object, name: str = "path") -> str:
+def path(value: object, name: str = "path", *, also: str = "") -> str:
     """``value`` as a local path string.
 
     Raises:
@@ -32,7 +32,7 @@ def path(value: object, name: str = "path") -> str:
         text = fs
     else:
         raise TypeError(
-            f"{name} must be a local path (str or os.PathLike such as pathlib.Path); got "
+            f"{name} must be a local path (str or os.PathLike such as pathlib.Path){also}; got "
             f"{type(value).__name__} {value!r:.60}"
         )
     if not text:
@@ -91,3 +91,44 @@ def flag(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r:.40}")
     return value
+
+
+def module(value: object, name: str = "model") -> None:
+    """Refuse anything but a ``torch.nn.Module``, naming the argument."""
+    import torch  # only the callers that take a module pay for it
+
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module; got {type(value).__name__}")
+
+
+def count(value: object, name: str) -> int:
+    """A non-negative ``int`` argument (``samples=``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 0; got {type(value).__name__} {value!r:.40}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0; got {value}")
+    return value
+
+
+def tolerance(value: object, name: str) -> float:
+    """A finite, non-negative real number (``rtol=``, ``atol=``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name} must be a non-negative number; got {type(value).__name__} {value!r:.40}"
+        )
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value}")
+    return float(value)
+
+
+def exporting(
+    model: object, path_: object, validate: object, tolerances: dict[str, object], samples: object
+) -> str:
+    """The arguments every exporter shares, checked before the (slow) export starts;
+    returns the destination path."""
+    module(model)
+    flag(validate, "validate")
+    for name, value in tolerances.items():
+        tolerance(value, name)
+    count(samples, "samples")
+    return path(path_)

@@ -168,20 +168,28 @@ def _match(
     renamed_source, auto = _reconcile_wrappers(renamed_source, target)
     have, want = _wrapper_prefix(source), _wrapper_prefix(target)
     if not rules or have == want or not source:
-        return renamed_source, renamed + auto
+        return renamed_source, _compose(renamed, auto)
     moved = {want + key[len(have) :]: value for key, value in source.items()}
-    alt_source, _ = _apply_rules(moved, rules)
+    alt_source, alt_renamed = _apply_rules(moved, rules)
     if len(alt_source.keys() & target.keys()) <= len(renamed_source.keys() & target.keys()):
-        return renamed_source, renamed + auto
+        return renamed_source, _compose(renamed, auto)
     reason = _describe(have, want)
-    alt_renamed = []
-    for key in source:
-        middle = want + key[len(have) :]
-        new = _rename_one(middle, rules)
-        alt_renamed.append(
-            RenamedKey(key, new, reason if new == middle else reason + "; rename rule")
-        )
-    return alt_source, alt_renamed
+    wrapped = [RenamedKey(key, want + key[len(have) :], reason) for key in source]
+    return alt_source, _compose(wrapped, alt_renamed)
+
+
+def _compose(first: list[RenamedKey], then: list[RenamedKey]) -> list[RenamedKey]:
+    """Two renaming steps as one: each key from its name in the source to its final name."""
+    by_target = {r.target: r for r in first}
+    moved_again = {r.source for r in then}
+    out = [r for r in first if r.target not in moved_again]
+    for step in then:
+        before = by_target.get(step.source)
+        if before is None:
+            out.append(step)
+        else:
+            out.append(RenamedKey(before.source, step.target, f"{before.reason}; {step.reason}"))
+    return out
 
 
 def _apply_rules(

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import _format, _rng, _tree, retention
+from . import _args, _format, _placement, _rng, _tree, retention
 from ._commit import make_dirs
 from ._file import _gc_paused, versions
 from ._format import Blob, flat_bytes
@@ -80,6 +80,8 @@ class CheckpointManager:
         policy: retention.RetentionPolicy | None = None,
         async_save: bool = False,
     ) -> None:
+        if not isinstance(directory, Storage):  # refuse a URL before any folder is made
+            directory = _args.path(directory, "directory", also=" or a torchvault Storage")
         self._policy = retention.from_arguments(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -323,6 +325,7 @@ class CheckpointManager:
         With ``async_save``, the staging buffers for these items are then prepared in the
         background, so the first save() returns as fast as later ones.
         """
+        _placement.check(map_location)  # a wrong one fails now, also when the run is empty
         self.wait()
         report = restore(self._store, step, strict=strict, map_location=map_location, items=items)
         if self._executor is not None and items:
@@ -349,6 +352,7 @@ class CheckpointManager:
         Example:
             >>> model.load_state_dict(mgr.load("best", item="model"))
         """
+        _placement.check(map_location)
         self.wait()
         return load_items(self._store, step, item=item, map_location=map_location)[1]
 
@@ -356,6 +360,7 @@ class CheckpointManager:
         self, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None
     ) -> None:
         """Write a committed checkpoint (or one ``item`` of it) as a standalone torchvault file."""
+        path = _args.path(path)
         self.wait()
         export(self._store, step, path, item=item)
 

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from .. import _file
+from .. import _args, _file
 from .._file import PathLike
 from .._report import LoadReport, ShapeMismatch
 from ..errors import (
@@ -229,6 +229,8 @@ def save_quantized(
         >>> qmodel, _ = tv.quantize(model)
         >>> tv.save_quantized(qmodel, "model-int8.tv", metadata={"run": "exp1"})
     """
+    _args.module(model)
+    path, metadata = _args.path(path), _args.metadata(metadata)
     method, backend = _detect(model)
     _save(model, path, method, backend, metadata)
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import Literal, overload
 
+from .. import _args
 from .._file import _gc_paused
+from .._placement import MapLocation, check
 from .._report import SalvageReport
-from .._tensors import MapLocation
 from ..errors import TorchVaultError
 from ._convert import convert
 from ._reader import Session, located, open_mapped, read
@@ -71,8 +72,10 @@ def load_legacy(
         >>> report = tv.load_legacy("whole-model.pt", salvage=True)
         >>> model.load_state_dict(report.state_dict)
     """
-    name, data = open_mapped(path)
-    session = Session(name, map_location=map_location, permissive=salvage)
+    placement = check(map_location)
+    salvage = _args.flag(salvage, "salvage")
+    name, data = open_mapped(_args.path(path))
+    session = Session(name, map_location=placement, permissive=salvage)
     with _gc_paused():
         obj = read(session, data)
     if not salvage:

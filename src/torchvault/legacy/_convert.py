@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from .. import _args
 from .._file import load, save
 from .._report import ConvertReport
 from .._tree import flatten
@@ -64,6 +65,7 @@ def convert(
     Example:
         >>> tv.convert("pytorch_model.bin", "model-hf", to="hf", max_shard_size="2GB")
     """
+    source, destination = _args.path(source, "source"), _args.path(destination, "destination")
     obj = load(source)
     src, dst = os.fspath(source), Path(destination)
     if to == "torchvault":

@@ -270,7 +270,11 @@ def is_foreign(path: str | os.PathLike[str]) -> bool:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False  # the native reader reports it, without opening a pipe
         with open(path, "rb") as file:
-            return kind_of(file.read(512), os.fstat(file.fileno()).st_size) in _OURS
+            head = file.read(512)
+            # an ONNX model too: this package's error names the function that reads it
+            return kind_of(head, os.fstat(file.fileno()).st_size) in _OURS or is_onnx(
+                head, os.fspath(path)
+            )
     except OSError:
         return False  # the native reader reports it
 
@@ -298,6 +302,16 @@ def kind_of(head: bytes, size: int) -> str:
     return "unknown"
 
 
+def is_onnx(head: bytes, path: str) -> bool:
+    """An ONNX model: a protobuf whose first field is ``ir_version`` (tag 0x08) and whose
+    producer is named near the start, or any file named ``*.onnx`` that is no checkpoint."""
+    if kind_of(head, 1 << 62) != "unknown":
+        return False
+    return path.lower().endswith(".onnx") or (
+        head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower())
+    )
+
+
 def read(session: Session, data: mmap.mmap | bytes) -> object:
     """The object in a torch.save file, unpickled by ``session``, finished."""
     kind = sniff(data)
@@ -316,11 +330,23 @@ def read(session: Session, data: mmap.mmap | bytes) -> object:
         from ._tar import read_tar  # imports this module
 
         return session.finish(read_tar(session, data))
-    raise unsupported(session.path, kind)
+    raise unsupported(session.path, kind, bytes(data[:512]))
 
 
-def unsupported(path: str, kind: str) -> UnsupportedFormatError:
-    if kind in _WRAPPERS.values():
+def unsupported(path: str, kind: str, head: bytes = b"") -> UnsupportedFormatError:
+    """The error for a file this reader does not read, naming the function that does."""
+    if kind == "safetensors":
+        why = (
+            "is a torchvault or safetensors checkpoint, not a torch.save file; load it with "
+            "tv.load(path) or tv.load_into(model, path)"
+        )
+    elif is_onnx(head, path):
+        why = (
+            "is an ONNX model, not a checkpoint; run it with onnxruntime (torchvault writes "
+            "ONNX with tv.export_onnx, and reads weights from torchvault, safetensors and "
+            "torch.save files)"
+        )
+    elif kind in _WRAPPERS.values():
         why = (
             f"is wrapped in {kind} compression; decompress it yourself (checking its size) "
             "and open the inner file, so that no archive can expand without limit"
@@ -341,6 +367,12 @@ def _read_zip(session: Session, archive: ZipArchive) -> object:
             path=path,
         )
     pickle = archive.find("data.pkl")
+    if pickle is None and any(n.rsplit("/", 1)[-1] == "archive_format" for n in archive.entries):
+        raise UnsupportedFormatError(
+            f"{path}: is a torch.export program (.pt2), not a checkpoint; load it with "
+            "tv.load_program(path)",
+            path=path,
+        )
     if pickle is None:
         raise UnsupportedFormatError(
             f"{path}: is a zip archive without data.pkl, so not a torch.save file",
