@@ -429,3 +429,9 @@ def test_a_path_of_the_wrong_type_or_value_names_path(path: Any) -> None:
 def test_windows_drive_letters_are_paths_not_urls(tmp_path: Path) -> None:
     with pytest.raises(tv.CheckpointNotFoundError):
         tv.load(tmp_path / "C:" / "m.tv")
+
+
+def test_a_url_folded_by_pathlib_is_still_refused(tmp_path: Path) -> None:
+    """``Path("s3://bucket/m.tv")`` is ``s3:/bucket/m.tv``: still a URL, not a folder "s3:"."""
+    exc = raised(lambda: tv.save(state(), Path("s3://bucket/m.tv")))
+    assert_blames_argument(exc, "path", "URL")

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 
 from .errors import UnsupportedTypeError
 
-# a URL scheme of two or more letters: one letter before ":" is a Windows drive
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+://")
+# a URL scheme of two or more letters (one letter before ":" is a Windows drive), then ":/":
+# pathlib folds "s3://bucket" into "s3:/bucket", which must not become a local folder "s3:"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+:/")
 
 
 def path(value: object, name: str = "path", *, also: str = "") -> str:
@@ -132,3 +133,14 @@ def exporting(
         tolerance(value, name)
     count(samples, "samples")
     return path(path_)
+
+
+def step(value: object, name: str = "step", *, refs: bool = False) -> None:
+    """A checkpoint step: an ``int`` >= 0, or with ``refs`` also ``"latest"``/``"best"``."""
+    if refs and value in ("latest", "best") and isinstance(value, str):
+        return
+    what = 'an int >= 0, "latest" or "best"' if refs else "an int >= 0"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r:.40}")
+    if value < 0:
+        raise ValueError(f"{name} must be {what}; got {value}")

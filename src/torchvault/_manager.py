@@ -136,6 +136,8 @@ class CheckpointManager:
             CheckpointWriteError: the disk refused. Unless the message says the step is
                 committed, nothing was; either way earlier checkpoints are intact.
         """
+        _args.step(step)
+        metadata = _args.metadata(metadata)
         self.wait()
         if step in self._records:
             raise ValueError(
@@ -293,6 +295,7 @@ class CheckpointManager:
 
     def metrics(self, step: int) -> dict[str, float]:
         """The metrics saved with ``step``."""
+        _args.step(step)
         if step not in self._records:
             raise CheckpointNotFoundError(f"step {step} is not committed in {self._store.root}.")
         return dict(self._records[step][0])
@@ -325,6 +328,7 @@ class CheckpointManager:
         With ``async_save``, the staging buffers for these items are then prepared in the
         background, so the first save() returns as fast as later ones.
         """
+        _args.step(step, refs=True)
         _placement.check(map_location)  # a wrong one fails now, also when the run is empty
         self.wait()
         report = restore(self._store, step, strict=strict, map_location=map_location, items=items)
@@ -352,6 +356,7 @@ class CheckpointManager:
         Example:
             >>> model.load_state_dict(mgr.load("best", item="model"))
         """
+        _args.step(step, refs=True)
         _placement.check(map_location)
         self.wait()
         return load_items(self._store, step, item=item, map_location=map_location)[1]
@@ -360,6 +365,7 @@ class CheckpointManager:
         self, step: StepRef, path: str | os.PathLike[str], *, item: str | None = None
     ) -> None:
         """Write a committed checkpoint (or one ``item`` of it) as a standalone torchvault file."""
+        _args.step(step, refs=True)
         path = _args.path(path)
         self.wait()
         export(self._store, step, path, item=item)

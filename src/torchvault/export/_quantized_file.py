@@ -332,6 +332,7 @@ def load_quantized(model: torch.nn.Module, path: PathLike) -> torch.nn.Module:
         ``model``, quantized, holding the saved weights.
 
     Raises:
+        TypeError: ``model`` is not a module.
         CheckpointNotFoundError: no file at ``path``.
         CorruptCheckpointError: the file is damaged, or its layout is malformed.
         UnsupportedFormatError: the file holds no quantized model, or was written by a newer
@@ -346,6 +347,7 @@ def load_quantized(model: torch.nn.Module, path: PathLike) -> torch.nn.Module:
     Example:
         >>> model = tv.load_quantized(MyModel(), "model-int8.tv")
     """
+    _args.module(model)
     saved = _Saved.read(_file.load(path), os.fspath(path))
     _check_float(model)
     _check_fit(_float_specs(model), saved.float_specs(), saved.path)
