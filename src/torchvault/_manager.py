@@ -318,8 +318,8 @@ class CheckpointManager:
             step: ``"latest"``, ``"best"`` or a step number.
             strict: a saved item without a target, or a target without a saved item, raises
                 :class:`RestoreMismatchError`; with False they are listed in the report.
-            map_location: where tensors of non-module items go (``None``: where they were
-                saved). Modules are copied into in place.
+            map_location: where tensors of non-module items go, as :func:`torchvault.load`
+                takes it (``None``: where they were saved). Modules are copied into in place.
             items: the targets, by the names they were saved under.
 
         Returns:

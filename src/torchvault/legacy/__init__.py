@@ -51,8 +51,9 @@ def load_legacy(
 
     Args:
         path: a torch.save file, zip format (torch >= 1.6) or the legacy stacked pickles.
-        map_location: where tensors go: a device, ``None`` for where they were saved, or a
-            dict from saved device to target device.
+        map_location: where tensors go, as ``torch.load`` takes it: a device, ``None`` for
+            where they were saved, a dict from saved device to target device, or a callable
+            ``(storage, location) -> storage | None``.
         salvage: for a whole model saved with ``torch.save(model)``: recover every tensor by
             its dotted state-dict name without importing or calling the model's classes, and
             return a :class:`SalvageReport` that lists those classes.
@@ -61,11 +62,15 @@ def load_legacy(
         The saved object (usually a state dict), or a :class:`SalvageReport`.
 
     Raises:
+        TypeError, ValueError: a wrong argument, naming it (a URL ``path``, a ``map_location``
+            that is not a device or names one this machine lacks, also for tensors saved on
+            CUDA that ``map_location=None`` would leave there).
         UnsafeCheckpointError: the file names a function or class outside the allowlist
             (the message names it); nothing was run.
         CorruptCheckpointError: malformed, truncated or fails a CRC.
         UnsupportedFormatError: a TorchScript archive, a compressed wrapper, the tar format
-            of torch < 0.4, or tensors on a device this machine lacks.
+            of torch < 0.4, or a file of another kind (a torchvault file, a program); the
+            message names the function that reads it.
 
     Example:
         >>> state = tv.load_legacy("resnet50.pth")
