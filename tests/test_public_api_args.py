@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,7 +376,8 @@ def check_bad_argument(env: Env, name: str, arg: str, value: Any) -> None:
     call = f"{name}({arg}={value!r:.80})"
     assert exc is not None, f"{call} accepted a wrong {arg}"
     names_file = isinstance(exc, TorchVaultError) and exc.path is not None and exc.path in str(exc)
-    names_arg = isinstance(exc, TypeError | ValueError) and arg in str(exc)
+    # the name as a word: "n" or "to" would be found inside any message
+    names_arg = isinstance(exc, TypeError | ValueError) and re.search(rf"\b{arg}\b", str(exc))
     assert names_file or names_arg, f"{call} raised {exc!r}: neither names {arg} nor a file"
 
 
