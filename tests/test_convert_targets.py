@@ -164,8 +164,8 @@ def test_unknown_to_lists_the_choices(good_tv: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arguments", "error", "named"),
     [
-        ({"destination": 3}, TypeError, "`destination`"),
-        ({"source": None}, TypeError, "`source`"),
+        ({"destination": 3}, TypeError, r"\bdestination\b"),
+        ({"source": None}, TypeError, r"\bsource\b"),
         ({"max_shard_size": True}, TypeError, "max_shard_size"),
         ({"max_shard_size": "12 parsecs"}, ValueError, "max_shard_size"),
         ({"max_shard_size": 0}, ValueError, "max_shard_size"),

@@ -20,7 +20,8 @@ from typing import Any, cast
 import torch
 
 from . import _dtypes, _format, _tree
-from ._tensors import MapLocation, TensorTable
+from ._placement import Where
+from ._tensors import TensorTable
 from ._tree import Json
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 
@@ -45,7 +46,7 @@ class Contents:
     def user_metadata(self) -> dict[str, str]:
         return {k: v for k, v in self.header.metadata.items() if not k.startswith(_format.RESERVED)}
 
-    def table(self, mapping: mmap.mmap | None, map_location: MapLocation = "cpu") -> TensorTable:
+    def table(self, mapping: mmap.mmap | None, map_location: Where = "cpu") -> TensorTable:
         """The tensor table over ``mapping`` (a private map of the whole file; ``None`` to
         describe tensors without building them).
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import _run
+from . import _args, _run
 from ._file import load
 from ._report import DiffChange, DiffLeaf, DiffReport, DiffSide
 from ._sources import open_run, parse_source, resolve_step
@@ -80,17 +80,15 @@ def diff(
         >>> report = tv.diff("runs/exp1@10", "runs/exp1@best")
         >>> [(c.key, c.max_abs_diff) for c in report.changed]
     """
-    for name, value in (("a", a), ("b", b)):
-        if not isinstance(value, str | os.PathLike):
-            raise TypeError(f"`{name}` must be a path or 'RUN@STEP', got {type(value).__name__}")
+    a, b = (_args.path(v, name, also=" or 'RUN@STEP'") for v, name in ((a, "a"), (b, "b")))
     if isinstance(atol, bool) or not isinstance(atol, int | float):
         raise TypeError(f"`atol` must be a number >= 0, got {type(atol).__name__}")
     if not math.isfinite(atol) or atol < 0:
         raise ValueError(f"`atol` must be a finite number >= 0, got {atol!r}")
     if item is not None and not isinstance(item, str):
         raise TypeError(f"`item` must be an item name (a str) or None, got {type(item).__name__}")
-    side_a, tree_a = open_side(os.fspath(a), item)
-    side_b, tree_b = open_side(os.fspath(b), item)
+    side_a, tree_a = open_side(a, item)
+    side_b, tree_b = open_side(b, item)
     return diff_trees(side_a, tree_a, side_b, tree_b, atol=float(atol))
 
 

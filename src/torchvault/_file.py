@@ -9,12 +9,12 @@ import gc
 import os
 import platform
 from collections.abc import Iterator, Mapping
-from typing import BinaryIO, cast
+from typing import BinaryIO, TypeVar, cast
 
 import numpy as np
 import torch
 
-from . import _format, _source, _stored, _tree
+from . import _args, _format, _placement, _source, _stored, _tree
 from ._commit import atomic_file
 from ._contents import (
     CREATED,
@@ -30,9 +30,9 @@ from ._report import CheckpointInfo, SaveReport, TensorInfo, VerifyReport
 from ._stored import Storing
 from ._tensors import MapLocation, TensorPlan
 from ._version import __version__
-from .errors import UnsupportedTypeError
 
 PathLike = str | os.PathLike[str]
+_S = TypeVar("_S")
 Source = _source.Readable
 
 
@@ -79,6 +79,8 @@ def save(
         the error its conversion made.
 
     Raises:
+        TypeError, ValueError: an argument of the wrong type or value (a URL ``path``, a
+            ``metadata`` key or value that is not a ``str``), naming it.
         UnsupportedTypeError: a value the format cannot hold, naming its path in the tree.
         CheckpointWriteError: the disk refused the write; the old file is intact.
         TypeError: ``path`` is neither a path nor a binary file object, or is in text mode.
@@ -88,8 +90,8 @@ def save(
         >>> tv.save(model, "model.tv", metadata={"run": "exp1"})
         >>> buffer = io.BytesIO(); tv.save(model, buffer)
     """
-    if not _source.is_path(path):
-        _source.check_writable(path, "path")
+    checked_target(path)
+    metadata = _args.metadata(metadata)
     if isinstance(obj, torch.nn.Module) and _is_quantized(obj, dtype, quantize):
         from .export._quantized_file import save_quantized  # the export package imports us
 
@@ -153,12 +155,6 @@ def _members(
         CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     for key, value in (user or {}).items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise UnsupportedTypeError(
-                f"metadata must map str to str; got {key!r}: {type(value).__name__}. "
-                "Convert values with str() or json.dumps().",
-                key=str(key),
-            )
         if key.startswith(_format.RESERVED) or key == _format.META:
             raise ValueError(f"metadata key {key!r} is reserved for torchvault; rename it.")
         members[key] = value
@@ -198,8 +194,11 @@ def load(
             memory (an open file read from its start is mapped instead), so loaded tensors
             never alias a buffer the caller can change, and are checked as strictly as a
             file.
-        map_location: where tensors go: a device (``"cpu"``, ``"cuda:0"``), ``None`` for the
-            device each tensor was saved from, or a dict from saved device to target device.
+        map_location: where tensors go, as ``torch.load`` takes it: a device (``"cpu"``,
+            ``"cuda:0"``, ``"meta"``), ``None`` for the device each tensor was saved from, a
+            dict from saved device to target device, or a callable
+            ``(storage, location) -> storage | None`` (``lambda storage, loc: storage`` keeps
+            everything on the CPU).
         lazy: map the file and read no tensor byte until a tensor is used.
         verify: check every tensor's checksum before returning (with ``lazy=False``). The
             header is always checked. With ``lazy=True`` data checksums are not read: use
@@ -208,6 +207,8 @@ def load(
             they had (int8-quantized tensors are always dequantized).
 
     Raises:
+        TypeError, ValueError: a wrong argument, naming it: a URL or non-path ``path``, a
+            ``map_location`` that is not a device, or a device this machine lacks.
         CheckpointNotFoundError: no file at ``path``.
         CorruptCheckpointError: the file is malformed, truncated or fails a checksum; the
             message names the tensor.
@@ -221,22 +222,41 @@ def load(
         >>> model.load_state_dict(state)
         >>> state = tv.load(response.content)  # bytes
     """
-    with _source.reading(path) as (where, _):
-        return _load(where, map_location, lazy, verify, restore_dtype)
+    placement = _placement.check(map_location)
+    lazy, verify = _args.flag(lazy, "lazy"), _args.flag(verify, "verify")
+    restore_dtype = _args.flag(restore_dtype, "restore_dtype")
+    with _source.reading(checked_source(path)) as (where, _):
+        return _load(where, placement, lazy, verify, restore_dtype)
+
+
+def checked_target(path: object) -> None:
+    """Refuse a ``path`` that is neither a local path (no URL) nor a writable binary file
+    object, naming the argument."""
+    if _source.is_path(path):
+        _args.path(path)
+    else:
+        _source.check_writable(path, "path")
+
+
+def checked_source(path: _S) -> _S:
+    """``path`` checked as a local path (no URL); bytes and file objects pass unchecked."""
+    if _source.is_path(path):
+        _args.path(path)
+    return path
 
 
 def _load(
-    path: PathLike, map_location: MapLocation, lazy: bool, verify: bool, restore_dtype: bool
+    path: PathLike, placement: _placement.Placement, lazy: bool, verify: bool, restore_dtype: bool
 ) -> object:
     from .legacy import _dispatch  # imported here: the legacy package imports this module
 
     if _dispatch.is_foreign(path):
-        return _dispatch.load(path, map_location=map_location)
+        return _dispatch.load(path, map_location=placement)
     with _gc_paused():
         contents, mapping = open_file(path)
         if verify and not lazy:
             contents.verify_data(mapping)
-        table = contents.table(mapping, map_location)
+        table = contents.table(mapping, placement)
         stored = _stored.records(contents.header.metadata, contents.path)
         return contents.decode(
             _stored.source(table.get, stored, restore_dtype=restore_dtype, path=contents.path)
@@ -274,7 +294,7 @@ def inspect(path: Source) -> CheckpointInfo:
         >>> info = tv.inspect("model.tv")
         >>> [(t.key, t.dtype, t.shape) for t in info.tensors]
     """
-    with _source.reading(path) as (where, name):
+    with _source.reading(checked_source(path)) as (where, name):
         return dataclasses.replace(_inspect(where), path=name)
 
 
@@ -343,7 +363,7 @@ def verify(path: Source) -> VerifyReport:
     Example:
         >>> tv.verify("model.tv").checked_bytes
     """
-    with _source.reading(path) as (where, name):
+    with _source.reading(checked_source(path)) as (where, name):
         return dataclasses.replace(_verify(where), path=name)
 
 

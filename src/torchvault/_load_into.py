@@ -1,34 +1,38 @@
 """``load_into``: match a state dict to a module's keys, report every difference, load in place.
 
-Matching runs in three steps: the caller's ``rename`` rules, then the wrapper prefixes that
+Matching runs in three steps: the caller's ``rename`` rules and the wrapper prefixes that
 DataParallel/DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``) add,
-reconciled in whichever direction makes the keys meet, then a key-by-key comparison of
-shapes and dtypes. Nothing is copied until the comparison passes (or ``strict=False``).
+reconciled in whichever direction makes the keys meet (the rules are tried on the keys as
+saved and on the keys with the wrapper prefix reconciled, and the form that matches more of
+the module's keys wins, so a rule written for the model's own names works on a
+DataParallel file), then a key-by-key comparison of shapes and dtypes. Nothing is copied
+until the comparison passes (or ``strict=False``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from . import _source
+from . import _args, _placement, _source
 from ._file import load
 from ._report import DtypeCast, LoadReport, RenamedKey, ShapeMismatch
 from ._tensors import MapLocation
 from .errors import StateDictMismatchError
 
 Rule = tuple["str | re.Pattern[str]", str]
-Rename = Mapping["str | re.Pattern[str]", str] | Sequence[Rule]
+Rename = Mapping["str | re.Pattern[str]", str] | Sequence[Rule] | Callable[[str], str]
+Rules = list[Rule] | Callable[[str], str]
 WRAPPERS = ("module.", "_orig_mod.")
 _LISTED = 20
 
 
 def load_into(
     module: torch.nn.Module,
-    source: _source.Readable | Mapping[str, torch.Tensor],
+    source: _source.Readable | Mapping[str, torch.Tensor] | torch.nn.Module,
     *,
     strict: bool = True,
     rename: Rename | None = None,
@@ -41,19 +45,27 @@ def load_into(
             keep their identity, device and dtype (values are cast to the model's dtype).
         source: a checkpoint path (mapped, not copied: no second full copy of the weights
             is held), its contents as bytes or a binary file object (as :func:`load`
-            reads them), or a state dict.
+            reads them), a state dict (a mapping of str to tensors), or another module (its
+            ``state_dict()``: copy one model's weights into another).
         strict: raise if any key is missing, unexpected or has another shape. With False,
             load what matches and list the rest in the report.
         rename: rules applied to source keys before matching: a mapping or pairs of
             ``prefix -> new prefix`` (a ``str``) or ``pattern -> replacement``
-            (a compiled ``re.Pattern``). The first rule that matches a key applies.
-        map_location: where file tensors are staged before the copy; by default they stay
-            mapped on the CPU and are copied straight into the module's tensors.
+            (a compiled ``re.Pattern``), where the first rule that matches a key applies;
+            or a callable ``key -> new key``. Write them for the module's own names: on a
+            DataParallel/DDP or torch.compile file they also apply after the wrapper prefix
+            (``module.``, ``_orig_mod.``) is reconciled, whichever form matches the module.
+        map_location: where file tensors are staged before the copy (as :func:`load` takes
+            it); by default they stay mapped on the CPU and are copied straight into the
+            module's tensors, whatever device the file was saved from.
 
     Returns:
         A :class:`LoadReport` of loaded, missing, unexpected, mismatched, cast and renamed keys.
 
     Raises:
+        TypeError, ValueError: a wrong argument, naming it: ``module`` not a module, a state
+            dict value that is not a tensor (naming its key), a malformed ``rename`` or
+            ``map_location``, a URL path.
         StateDictMismatchError: with ``strict=True``, naming every offending key and both
             shapes; the module is left untouched.
 
@@ -61,26 +73,43 @@ def load_into(
         >>> report = tv.load_into(model, "ddp-checkpoint.tv", strict=False)
         >>> report.missing, report.renamed
     """
-    where = "the state dict"
-    if not isinstance(source, Mapping) and _source.is_source(source):
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            f"module must be the torch.nn.Module to load into; got {type(module).__name__}. "
+            "To read a checkpoint into a dict, use tv.load(path)."
+        )
+    strict = _args.flag(strict, "strict")
+    rules = _rules(rename)
+    staging = "cpu" if map_location is None else map_location
+    _placement.check(staging)  # before any file is read
+    where, file = "the state dict", None
+    state: Mapping[str, torch.Tensor]
+    if isinstance(source, torch.nn.Module):
+        where, state = f"the {type(source).__name__} passed as source", source.state_dict()
+    elif isinstance(source, Mapping):
+        _check_state_dict(source)
+        state = source
+    elif _source.is_source(source):
         from .export import _quantized_file as _quantized  # the export package imports us
 
-        where = _source.display_name(source)
-        loaded = load(source, map_location=map_location or "cpu")
+        if _source.is_path(source):
+            source = _args.path(source, "source")
+        where = file = _source.display_name(source)
+        loaded = load(source, map_location=staging)
         if _quantized.is_quantized_file(loaded):
             _check_whole(strict, rename)
             return _quantized.load_into_model(module, loaded, where)
-        source = _as_state_dict(loaded, where)
-    target = module.state_dict()
-    renamed_source, renamed = _apply_rules(cast("Mapping[str, torch.Tensor]", source), rename)
-    renamed_source, auto = _reconcile_wrappers(renamed_source, target)
-    report = _compare(renamed_source, target, renamed + auto)
-    if strict and not report.ok:
-        raise StateDictMismatchError(
-            _message(report, where, module),
-            report=report,
-            path=None if where == "the state dict" else where,
+        state = _as_state_dict(loaded, where)
+    else:
+        raise TypeError(
+            "source must be a checkpoint path, bytes, a binary file object, a state dict or a "
+            f"module; got {type(source).__name__}"
         )
+    target = module.state_dict()
+    renamed_source, renamed = _match(state, target, rules)
+    report = _compare(renamed_source, target, renamed)
+    if strict and not report.ok:
+        raise StateDictMismatchError(_message(report, where, module), report=report, path=file)
     loadable = {key: renamed_source[key] for key in report.loaded}
     module.load_state_dict(loadable, strict=False)
     return report
@@ -112,10 +141,82 @@ def _as_state_dict(obj: object, where: str) -> Mapping[str, torch.Tensor]:
     raise TypeError(f"{where} does not hold a state dict (a flat dict of tensors).{hint}")
 
 
-def _apply_rules(
-    source: Mapping[str, torch.Tensor], rename: Rename | None
+def _check_state_dict(source: Mapping[Any, object]) -> None:
+    for key, value in source.items():
+        if not isinstance(key, str):
+            raise TypeError(
+                f"source (a state dict) must have str keys; key {key!r:.40} is {type(key).__name__}"
+            )
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"source[{key!r:.60}] is a {type(value).__name__}; load_into copies tensors, so "
+                "every value of a state dict must be a torch.Tensor (convert it with "
+                "torch.tensor(...), or pass the part of the checkpoint that is a state dict)"
+            )
+
+
+def _rules(rename: object) -> Rules:
+    """``rename`` checked: a callable, or a list of (prefix or pattern, replacement)."""
+    if rename is None:
+        return []
+    if callable(rename) and not isinstance(rename, Mapping):
+        return rename
+    pairs = rename.items() if isinstance(rename, Mapping) else rename
+    if isinstance(pairs, str | bytes) or not isinstance(pairs, Iterable):
+        raise TypeError(_RENAME + f"; got {type(rename).__name__}")
+    rules: list[Rule] = []
+    for pair in pairs:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise TypeError(_RENAME + f"; got the item {pair!r:.60}")
+        pattern, replacement = pair
+        if not isinstance(pattern, str | re.Pattern) or not isinstance(replacement, str):
+            raise TypeError(_RENAME + f"; got the rule {pattern!r:.40} -> {replacement!r:.40}")
+        rules.append((pattern, replacement))
+    return rules
+
+
+_RENAME = (
+    "rename must be a dict (or pairs) of old prefix (str) or re.Pattern -> str, or a "
+    "callable key -> key"
+)
+
+
+def _match(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], rules: Rules
 ) -> tuple[dict[str, torch.Tensor], list[RenamedKey]]:
-    rules: list[Rule] = list(rename.items() if isinstance(rename, Mapping) else rename or [])
+    """The source keys renamed to meet the target's: the rules on the keys as saved, then
+    wrapper prefixes reconciled; or the prefixes reconciled first, then the rules."""
+    renamed_source, renamed = _apply_rules(source, rules)
+    renamed_source, auto = _reconcile_wrappers(renamed_source, target)
+    have, want = _wrapper_prefix(source), _wrapper_prefix(target)
+    if not rules or have == want or not source:
+        return renamed_source, _compose(renamed, auto)
+    moved = {want + key[len(have) :]: value for key, value in source.items()}
+    alt_source, alt_renamed = _apply_rules(moved, rules)
+    if len(alt_source.keys() & target.keys()) <= len(renamed_source.keys() & target.keys()):
+        return renamed_source, _compose(renamed, auto)
+    reason = _describe(have, want)
+    wrapped = [RenamedKey(key, want + key[len(have) :], reason) for key in source]
+    return alt_source, _compose(wrapped, alt_renamed)
+
+
+def _compose(first: list[RenamedKey], then: list[RenamedKey]) -> list[RenamedKey]:
+    """Two renaming steps as one: each key from its name in the source to its final name."""
+    by_target = {r.target: r for r in first}
+    moved_again = {r.source for r in then}
+    out = [r for r in first if r.target not in moved_again]
+    for step in then:
+        before = by_target.get(step.source)
+        if before is None:
+            out.append(step)
+        else:
+            out.append(RenamedKey(before.source, step.target, f"{before.reason}; {step.reason}"))
+    return out
+
+
+def _apply_rules(
+    source: Mapping[str, torch.Tensor], rules: Rules
+) -> tuple[dict[str, torch.Tensor], list[RenamedKey]]:
     out: dict[str, torch.Tensor] = {}
     renamed = []
     origin: dict[str, str] = {}
@@ -133,7 +234,15 @@ def _apply_rules(
     return out, renamed
 
 
-def _rename_one(key: str, rules: Iterable[Rule]) -> str:
+def _rename_one(key: str, rules: Rules) -> str:
+    if callable(rules):
+        new = rules(key)
+        if not isinstance(new, str):
+            raise TypeError(
+                f"rename (a callable) returned {type(new).__name__} for {key!r:.60}; it must "
+                "return the new key, a str"
+            )
+        return new
     for pattern, replacement in rules:
         if isinstance(pattern, re.Pattern):
             if pattern.search(key):

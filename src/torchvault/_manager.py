@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _format, _rng, _tree, retention
+from . import _args, _format, _placement, _rng, _tree, retention
 from ._commit import make_dirs
 from ._file import _gc_paused, versions
 from ._format import Blob, flat_bytes
@@ -116,6 +116,8 @@ class CheckpointManager:
         async_save: bool = False,
     ) -> None:
         self._closed = True  # until the lock is held: a failed __init__ has nothing to close
+        if not isinstance(directory, Storage):  # refuse a URL before any folder is made
+            directory = _args.path(directory, "directory", also=" or a torchvault Storage")
         self._policy = retention.from_arguments(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -354,8 +356,11 @@ class CheckpointManager:
     def metrics(self, step: int) -> dict[str, float]:
         """The metrics saved with ``step``."""
         self._check_open()
+        _args.step(step)
         if step not in self._records:
-            raise CheckpointNotFoundError(f"step {step} is not committed in {self._store.root}.")
+            raise CheckpointNotFoundError(
+                f"step {step} is not committed in {self._store.root}.", path=self._store.root
+            )
         return dict(self._records[step].metrics)
 
     def list(self) -> list[CheckpointSummary]:
@@ -378,8 +383,8 @@ class CheckpointManager:
             step: ``"latest"``, ``"best"`` or a step number.
             strict: a saved item without a target, or a target without a saved item, raises
                 :class:`RestoreMismatchError`; with False they are listed in the report.
-            map_location: where tensors of non-module items go (``None``: where they were
-                saved). Modules are copied into in place.
+            map_location: where tensors of non-module items go, as :func:`torchvault.load`
+                takes it (``None``: where they were saved). Modules are copied into in place.
             items: the targets, by the names they were saved under.
 
         Returns:
@@ -397,6 +402,7 @@ class CheckpointManager:
         self._check_open()
         self._wait()
         step = self._resolve(step)
+        _placement.check(map_location)  # a wrong one fails now, also when the run is empty
         report = restore(self._store, step, strict=strict, map_location=map_location, items=items)
         if self._executor is not None and items:
             sizes = [blob.nbytes for blob in _plan(items)[2]]
@@ -428,6 +434,7 @@ class CheckpointManager:
         self._check_open()
         self._wait()
         step = self._resolve(step)
+        _placement.check(map_location)  # a wrong one fails now, also when the run is empty
         return load_items(self._store, step, item=item, map_location=map_location)[1]
 
     def export(
@@ -435,6 +442,7 @@ class CheckpointManager:
     ) -> None:
         """Write a committed checkpoint (or one ``item`` of it) as a standalone torchvault file."""
         self._check_open()
+        path = _args.path(path)
         self._wait()
         export(self._store, self._resolve(step), path, item=item)
 

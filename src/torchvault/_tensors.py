@@ -23,24 +23,24 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 import numpy as np
 import torch
 
-from . import _dtypes
+from . import _dtypes, _placement
 from ._format import META, Blob, Entry
+from ._placement import MapLocation, Placement
 from .errors import CorruptCheckpointError, UnsupportedTypeError
 
-MapLocation = str | torch.device | Mapping[str, str] | None
+__all__ = ["MapLocation", "TensorPlan", "TensorTable"]
 _ALIGN = 16  # bytes a shared span is rounded down to, so every view offset stays aligned
 _DEVICE_RE = re.compile(r"[a-z_]{1,32}(:[0-9]{1,6})?")
 _ENTRY_KEYS = {"s", "dtype", "shape", "stride", "offset", "param", "grad", "device", "np"}
 _PLAIN = {"s", "dtype", "shape"}
 _NO_FIELDS: dict[str, Any] = {}
-_CPU = torch.device("cpu")
 _NUMPY_ANY_ORDER = {
     dtype.newbyteorder(order).str: dtype.newbyteorder(order)
     for dtype in _dtypes.NUMPY_DTYPES.values()
@@ -229,16 +229,15 @@ class TensorTable:
         blobs: tuple[Entry, ...],
         mapping: Callable[[Entry], torch.Tensor],
         path: str,
-        map_location: MapLocation = "cpu",
+        map_location: MapLocation | Placement = "cpu",
     ) -> None:
         self._entries = entries
         self._blobs = blobs
         self._mapping = mapping
         self._path = path
-        self._map_location = map_location
-        self._bases: dict[tuple[int, str], torch.Tensor] = {}
+        self._placement = _placement.check(map_location)
+        self._bases: dict[tuple[int, str | None], torch.Tensor] = {}
         self._built: dict[int, object] = {}
-        self._devices: dict[str, torch.device] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -280,8 +279,8 @@ class TensorTable:
     def _build(self, index: int) -> object:
         dtype, shape, blob_index, entry = self.describe(index)
         blob = self._blobs[blob_index]
-        device = _CPU if "np" in entry else self._target(entry.get("device", "cpu"), index)
-        base = self._base(blob_index, device)
+        saved = None if "np" in entry else self._saved(entry.get("device", "cpu"), index)
+        base = self._base(blob_index, saved)
         if "stride" in entry or "offset" in entry:
             tensor = self._view(index, entry, base, dtype, shape)
         elif math.prod(shape) * dtype.itemsize != blob.nbytes:
@@ -294,13 +293,15 @@ class TensorTable:
             tensor = base.view(dtype).reshape(shape)
         return self._finish(index, entry, tensor) if entry else tensor
 
-    def _base(self, blob_index: int, device: torch.device) -> torch.Tensor:
-        key = (blob_index, str(device))
+    def _base(self, blob_index: int, saved: str | None) -> torch.Tensor:
+        """The blob's bytes where ``map_location`` puts a tensor saved on ``saved``
+        (``None``: a numpy array, always on the CPU)."""
+        key = (blob_index, saved)
         base = self._bases.get(key)
         if base is None:
             base = self._mapping(self._blobs[blob_index])
-            if device.type != "cpu":
-                base = base.to(device)
+            if saved is not None:
+                base = self._placement.place(base, saved)
             self._bases[key] = base
         return base
 
@@ -347,26 +348,12 @@ class TensorTable:
             raise self._corrupt(index, f"stores {tensor.dtype} bytes for a {name} array")
         return array if array.dtype == wanted else array.astype(wanted)
 
-    def _target(self, saved: object, index: int) -> torch.device:
-        if not isinstance(saved, str):
+    def _saved(self, saved: object, index: int) -> str:
+        """The saved-from device of entry ``index``; a malformed one is the file's fault,
+        where it goes is ``map_location``'s (see :mod:`torchvault._placement`)."""
+        if not isinstance(saved, str) or not _DEVICE_RE.fullmatch(saved):
             raise self._corrupt(index, "has a malformed device")
-        device = self._devices.get(saved)
-        if device is None:
-            if not _DEVICE_RE.fullmatch(saved):
-                raise self._corrupt(index, "has a malformed device")
-            where = self._map_location
-            if isinstance(where, Mapping):
-                where = where.get(saved, saved)
-            try:
-                device = torch.device(saved if where is None else where)
-            except RuntimeError as exc:
-                raise self._corrupt(
-                    index,
-                    f"was saved from device {saved!r}, which this "
-                    "torch does not know; pass map_location",
-                ) from exc
-            self._devices[saved] = device
-        return device
+        return saved
 
     def _corrupt(self, index: int, what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(

@@ -18,6 +18,24 @@ would already catch for that kind of failure::
     └── CheckpointWriteError(OSError)                the disk refused a write (ENOSPC, EIO, ...)
 
 Every message says what happened, to which file and key, and how to fix it.
+
+Who is blamed follows one rule, held by every public function (``tests/test_public_api_args.py``
+calls each with generated wrong arguments):
+
+* a wrong **argument** raises the builtin ``TypeError`` (wrong type) or ``ValueError`` (wrong
+  value) whose message names the argument and what it accepts, before any file is read:
+  ``map_location="gpu"``, a ``map_location`` naming a device this machine lacks, a URL
+  path (``s3://...``: object storage is not supported yet), ``metadata={1: "a"}``, a
+  ``load_into`` target that is not a module. Such an error is never a :class:`TorchVaultError`
+  (except :class:`UnsupportedTypeError`, itself a ``TypeError``, for a value the format cannot
+  hold), so it never says a valid file is damaged;
+* a wrong **file** raises a :class:`TorchVaultError` whose ``path`` is the file and whose
+  message names it; a file given to the wrong function (``load_legacy`` of a torchvault file,
+  ``load_program`` of a checkpoint, ``load`` of a ``.pt2`` program or an ONNX model) is an
+  :class:`UnsupportedFormatError` that names the function that reads it;
+* nothing else escapes: no ``AttributeError``, ``AssertionError``, ``KeyError`` or torch
+  ``RuntimeError`` from inside. (A callable the caller passed, such as a ``map_location``
+  function, may raise its own errors; they pass through unchanged.)
 """
 
 from __future__ import annotations

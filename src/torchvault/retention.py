@@ -123,6 +123,10 @@ class KeepBest(_Policy):
 
     def __post_init__(self) -> None:
         _check_positive(self.k, "KeepBest k")
+        if not isinstance(self.monitor, str) or not self.monitor:
+            raise TypeError(
+                f"KeepBest monitor must be a metric name (str); got {self.monitor!r:.40}"
+            )
         _check_mode(self.mode)
 
     def keep(self, checkpoints: Sequence[CheckpointRecord]) -> frozenset[int]:
@@ -163,7 +167,10 @@ class Pinned(_Policy):
     steps: frozenset[int]
 
     def __init__(self, steps: Iterable[int] = ()) -> None:
-        object.__setattr__(self, "steps", frozenset(steps))
+        listed = list(steps) if isinstance(steps, Iterable) else None
+        if listed is None or not all(_is_int(s) for s in listed):
+            raise TypeError(f"Pinned steps must be an iterable of int steps; got {steps!r:.60}")
+        object.__setattr__(self, "steps", frozenset(listed))
 
     def keep(self, checkpoints: Sequence[CheckpointRecord]) -> frozenset[int]:
         return frozenset(c.step for c in checkpoints if c.step in self.steps)
@@ -195,11 +202,18 @@ class AnyOf(_Policy):
     policies: tuple[RetentionPolicy, ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.policies, tuple | list):
+            raise TypeError(
+                f"AnyOf policies must be a tuple of policies; got {self.policies!r:.60}"
+            )
         if not self.policies:
-            raise ValueError("AnyOf needs at least one policy; to keep everything use KeepAll()")
+            raise ValueError(
+                "AnyOf policies is empty; it needs at least one policy (to keep everything "
+                "use KeepAll())"
+            )
         for policy in self.policies:
             if not isinstance(policy, RetentionPolicy):
-                raise TypeError(f"AnyOf members must have a keep() method, got {policy!r}")
+                raise TypeError(f"AnyOf policies must have a keep() method, got {policy!r:.60}")
         nested = (p.policies if isinstance(p, AnyOf) else (p,) for p in self.policies)
         object.__setattr__(self, "policies", tuple(q for ps in nested for q in ps))
 
@@ -293,7 +307,17 @@ def from_arguments(
     if steps := frozenset(pinned):
         policies.append(Pinned(steps))
     if policy is not None:
+        if not isinstance(policy, RetentionPolicy):
+            raise TypeError(
+                f"policy must be a retention policy (KeepLast(3) | KeepBest(1, 'val_loss'), or "
+                f"an object with a keep() method); got {type(policy).__name__}"
+            )
         policies.append(policy)
     if not policies:
         return KeepAll()
     return policies[0] if len(policies) == 1 else AnyOf(tuple(policies))
+
+
+def _is_int(value: object) -> bool:
+    """An int or an integer numpy scalar (anything with ``__index__``), not a bool."""
+    return hasattr(type(value), "__index__") and not isinstance(value, bool)

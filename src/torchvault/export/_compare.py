@@ -24,7 +24,12 @@ Inputs = tuple[torch.Tensor, ...]
 
 def as_inputs(example: torch.Tensor | Sequence[torch.Tensor]) -> Inputs:
     """The example inputs as a tuple of tensors (a single tensor is one input)."""
-    inputs = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    if isinstance(example, torch.Tensor):
+        inputs: Inputs = (example,)
+    elif isinstance(example, Sequence) and not isinstance(example, str | bytes):
+        inputs = tuple(example)
+    else:
+        inputs = ()
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
     return inputs

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import _commit
+from .. import _args, _commit
 from .._report import ExportReport
 from ..errors import CheckpointWriteError, ExportError, ExportMismatchError
 from . import _compare
@@ -103,6 +103,7 @@ def export_onnx(
         ...                         dynamic_shapes="batch")
         >>> report.max_abs_diff, report.batch_sizes, report.runtime_latency_ms
     """
+    path = _args.exporting(model, path, validate, {"rtol": rtol, "atol": atol}, samples)
     onnx = _require("onnx")
     _require("onnxscript")  # torch.onnx's exporter translates through it
     ort = _require("onnxruntime") if validate else None

@@ -48,6 +48,7 @@ import contextvars
 import dataclasses
 import io
 import math
+import mmap
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -55,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _commit
+from .. import _args, _commit
 from .._report import ExportReport
 from .._run import StepRef, resolve
 from .._store import PROGRAMS, RUN_FILE, RunStore, program
@@ -64,8 +65,9 @@ from ..errors import (
     ExportError,
     ExportMismatchError,
     TorchVaultError,
+    UnsupportedFormatError,
 )
-from ..legacy._reader import open_mapped
+from ..legacy._reader import is_onnx, open_mapped, sniff
 from ..storage import LocalStorage
 from . import _compare
 from ._pt2 import build, first_line, rebuild
@@ -139,6 +141,7 @@ def export_program(
         (0.0, (1, 8, 17))
         >>> program = load_program("model.pt2")  # no import of the model's class needed
     """
+    path = _args.exporting(model, path, validate, {"rtol": rtol, "atol": atol}, samples)
     inputs = _compare.as_inputs(example_inputs)
     if samples < 0:
         raise ValueError(f"samples must be 0 or more, got {samples}")
@@ -419,8 +422,27 @@ def load_program(path: str | os.PathLike[str], *, step: StepRef | None = None) -
         >>> logits = program(torch.randn(4, 3, 32, 32))
         >>> best = load_program("runs/exp1", step="best")
     """
-    name, data = open_mapped(_program_file(path, step))
+    name, data = open_mapped(_program_file(_args.path(path), step))
+    _not_a_checkpoint(name, data)
     return build(rebuild(data, name), name)
+
+
+def _not_a_checkpoint(name: str, data: bytes | mmap.mmap) -> None:
+    """Refuse, naming the function that reads it, a file that is no program archive."""
+    kind, head = sniff(data), bytes(data[:512])
+    if kind == "safetensors":
+        why = (
+            "is a torchvault (or safetensors) checkpoint, not a program; load it with "
+            "tv.load(path) or tv.load_into(model, path), or write a program from the model "
+            "with tv.export_program(model, example_inputs, path)"
+        )
+    elif kind in ("pickle", "tar"):
+        why = "is a torch.save file, not a torch.export program; read it with tv.load_legacy"
+    elif is_onnx(head, name):
+        why = "is an ONNX model, not a torch.export program; run it with onnxruntime"
+    else:
+        return
+    raise UnsupportedFormatError(f"{name}: {why}.", path=name)
 
 
 def _program_file(path: str | os.PathLike[str], step: StepRef | None) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import _file
+from .. import _args, _file
 from .._report import QuantizationReport
 from . import _compare
 from ._quantize_backends import (
@@ -81,9 +81,10 @@ def quantize(
         >>> qmodel, report = tv.quantize(model, "int8-dynamic", example_inputs=x)
         >>> report.quantized_bytes / report.float_bytes, report.max_abs_diff
     """
+    _args.module(model)
+    _args.flag(inplace, "inplace")
     _check_method(method)
-    if samples < 0:
-        raise ValueError(f"samples must be >= 0, got {samples}")
+    _args.count(samples, "samples")
     _check_float(model)
     _check_has_linear(model)
     chosen = chosen_backend(method, backend)

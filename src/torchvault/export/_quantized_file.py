@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, NoReturn
 
 import torch
 
-from .. import _file, _source
+from .. import _args, _file, _source
 from .._file import PathLike, Source
 from .._report import LoadReport, SaveReport, ShapeMismatch
 from ..errors import (
@@ -237,6 +237,9 @@ def save_quantized(
         >>> qmodel, _ = tv.quantize(model)
         >>> tv.save_quantized(qmodel, "model-int8.tv", metadata={"run": "exp1"})
     """
+    _args.module(model)
+    _file.checked_target(path)
+    metadata = _args.metadata(metadata)
     method, backend = _detect(model)
     return _save(model, path, method, backend, metadata)
 
@@ -344,6 +347,7 @@ def load_quantized(model: torch.nn.Module, path: Source) -> torch.nn.Module:
         ``model``, quantized, holding the saved weights.
 
     Raises:
+        TypeError: ``model`` is not a module.
         CheckpointNotFoundError: no file at ``path``.
         CorruptCheckpointError: the file is damaged, or its layout is malformed.
         UnsupportedFormatError: the file holds no quantized model, or was written by a newer
@@ -358,6 +362,7 @@ def load_quantized(model: torch.nn.Module, path: Source) -> torch.nn.Module:
     Example:
         >>> model = tv.load_quantized(MyModel(), "model-int8.tv")
     """
+    _args.module(model)
     saved = _Saved.read(_file.load(path), _source.display_name(path))
     _check_float(model)
     _fill(model, saved)

@@ -12,9 +12,10 @@ import os
 import warnings
 from typing import Literal, overload
 
+from .. import _args
 from .._file import _gc_paused
+from .._placement import MapLocation, check
 from .._report import SalvageReport
-from .._tensors import MapLocation
 from ..errors import TorchVaultError
 from ._convert import convert
 from ._reader import Session, located, open_mapped, read
@@ -51,8 +52,9 @@ def load_legacy(
 
     Args:
         path: a torch.save file, zip format (torch >= 1.6) or the legacy stacked pickles.
-        map_location: where tensors go: a device, ``None`` for where they were saved, or a
-            dict from saved device to target device.
+        map_location: where tensors go, as ``torch.load`` takes it: a device, ``None`` for
+            where they were saved, a dict from saved device to target device, or a callable
+            ``(storage, location) -> storage | None``.
         salvage: for a whole model saved with ``torch.save(model)``: recover every tensor by
             its dotted state-dict name without importing or calling the model's classes, and
             return a :class:`SalvageReport` that lists those classes, and the globals the
@@ -62,19 +64,25 @@ def load_legacy(
         The saved object (usually a state dict), or a :class:`SalvageReport`.
 
     Raises:
+        TypeError, ValueError: a wrong argument, naming it (a URL ``path``, a ``map_location``
+            that is not a device or names one this machine lacks, also for tensors saved on
+            CUDA that ``map_location=None`` would leave there).
         UnsafeCheckpointError: the file names a function or class outside the allowlist
             (the message names it); nothing was run.
         CorruptCheckpointError: malformed, truncated or fails a CRC.
         UnsupportedFormatError: a TorchScript archive, a compressed wrapper, the tar format
-            of torch < 0.4, or tensors on a device this machine lacks.
+            of torch < 0.4, or a file of another kind (a torchvault file, a program); the
+            message names the function that reads it.
 
     Example:
         >>> state = tv.load_legacy("resnet50.pth")
         >>> report = tv.load_legacy("whole-model.pt", salvage=True)
         >>> model.load_state_dict(report.state_dict)
     """
-    name, data = open_mapped(path)
-    session = Session(name, map_location=map_location, permissive=salvage)
+    placement = check(map_location)
+    salvage = _args.flag(salvage, "salvage")
+    name, data = open_mapped(_args.path(path))
+    session = Session(name, map_location=placement, permissive=salvage)
     with _gc_paused():
         obj = read(session, data)
     if not salvage:

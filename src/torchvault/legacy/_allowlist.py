@@ -90,13 +90,6 @@ class Storage:
         self.location = location
         self.data: torch.Tensor | None = None
 
-    def typed(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.data is None:
-            raise AssertionError("storage bytes are attached before tensors are built")
-        if self.data.numel() == 0:
-            return torch.empty(0, dtype=dtype)
-        return self.data.view(dtype)
-
 
 class TensorSpec(Building):
     """A tensor whose storage, dtype, size, stride and offset were checked; built last."""
@@ -111,33 +104,30 @@ class TensorSpec(Building):
         size: tuple[int, ...],
         stride: tuple[int, ...],
         requires_grad: bool,
-        device: Callable[[str], torch.device],
+        place: Callable[[Storage], torch.Tensor],
     ) -> None:
         self.storage, self.dtype, self.offset = storage, dtype, offset
         self.size, self.stride = size, stride
         self.requires_grad = requires_grad
         self.parameter = False
-        self._device = device
+        self._place = place
         self._built: torch.Tensor | None = None
 
     def as_parameter(self, requires_grad: bool) -> TensorSpec:
         """A Parameter over the same storage (a new object, as torch would make)."""
         spec = TensorSpec(
             self.storage, self.dtype, self.offset, self.size, self.stride, requires_grad,
-            self._device,
+            self._place,
         )  # fmt: skip
         spec.parameter = True
         return spec
 
     def value(self, finish: Callable[[object], object]) -> object:
         if self._built is None:
-            base = self.storage.typed(self.dtype)
-            tensor = torch.empty(0, dtype=self.dtype).set_(
+            base = self._place(self.storage)  # the storage's bytes where map_location puts them
+            tensor = torch.empty(0, dtype=self.dtype, device=base.device).set_(
                 base.untyped_storage(), self.offset, self.size, self.stride
             )
-            device = self._device(self.storage.location)
-            if device.type != "cpu":
-                tensor = tensor.to(device)
             if self.parameter:
                 tensor = torch.nn.Parameter(tensor, requires_grad=self.requires_grad)
             elif self.requires_grad:
@@ -180,7 +170,7 @@ def tensor_spec(ctx: Context, args: tuple[Any, ...], dtype: torch.dtype | None) 
         )
     if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
         raise _bad(f"a {dtype} tensor asks for gradients")
-    return TensorSpec(storage, dtype, offset, shape, strides, requires_grad, ctx.device)
+    return TensorSpec(storage, dtype, offset, shape, strides, requires_grad, ctx.place)
 
 
 class _Rebuild(Global):
@@ -558,10 +548,10 @@ _ATTRIBUTE_DICTS = (
 
 
 class Context:
-    """What one load needs from its caller: where tensors go."""
+    """What one load needs from its caller: where tensors go (a storage's bytes, placed)."""
 
-    def __init__(self, device: Callable[[str], torch.device]) -> None:
-        self.device = device
+    def __init__(self, place: Callable[[Storage], torch.Tensor]) -> None:
+        self.place = place
 
 
 def table(ctx: Context) -> dict[str, object]:

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from .. import _args
 from .._commit import atomic_file
 from .._file import load, save
 from .._report import ConvertReport
@@ -97,9 +98,7 @@ def convert(
         >>> tv.convert("pytorch_model.bin", "model-hf", max_shard_size="2GB")  # a folder
         >>> tv.convert("model.tv", "model.pt")  # torch.load(..., weights_only=True) reads it
     """
-    for name, value in (("source", source), ("destination", destination)):
-        if not isinstance(value, str | os.PathLike):
-            raise TypeError(f"`{name}` must be a path, got {type(value).__name__}")
+    source, destination = _args.path(source, "source"), _args.path(destination, "destination")
     target = resolve_target(destination, to=to, max_shard_size=max_shard_size)
     src, dst = os.fspath(source), Path(destination)
     if salvage:

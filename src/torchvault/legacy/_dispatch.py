@@ -8,8 +8,8 @@ import os
 import torch
 
 from .._file import _gc_paused
+from .._placement import Where
 from .._report import CheckpointInfo, TensorInfo, VerifyReport
-from .._tensors import MapLocation
 from .._tree import flatten
 from ._hf import load_folder
 from ._reader import Session, is_foreign, open_mapped, read, sniff
@@ -18,7 +18,7 @@ from ._zip import ZipArchive
 __all__ = ["inspect", "is_foreign", "load", "verify"]
 
 
-def load(path: str | os.PathLike[str], *, map_location: MapLocation = "cpu") -> object:
+def load(path: str | os.PathLike[str], *, map_location: Where = "cpu") -> object:
     """A torch.save file through the restricted reader, or a model folder's state dict."""
     name = os.fspath(path)
     if os.path.isdir(name):

@@ -13,13 +13,14 @@ import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from .. import _dtypes, _format
 from .._commit import atomic_file, make_dirs, remove
 from .._contents import ALIASES, open_file
-from .._tensors import MapLocation
+from .._placement import MapLocation, Where
 from ..errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -38,7 +39,7 @@ def is_model_folder(folder: str) -> bool:
     )
 
 
-def load_folder(folder: str, *, map_location: MapLocation = "cpu") -> dict[str, torch.Tensor]:
+def load_folder(folder: str, *, map_location: Where = "cpu") -> dict[str, torch.Tensor]:
     """The flat state dict of a Hugging Face model folder, tensors mapped lazily.
 
     Tensors that torchvault's ``convert`` stored once under another name (tied weights)
@@ -57,11 +58,12 @@ def load_folder(folder: str, *, map_location: MapLocation = "cpu") -> dict[str, 
     )
 
 
-def _load_shard(path: str, map_location: MapLocation) -> tuple[dict[str, torch.Tensor], set[str]]:
+def _load_shard(path: str, map_location: Where) -> tuple[dict[str, torch.Tensor], set[str]]:
     """A shard's tensors (aliases included) and the names that are aliases."""
     from .._file import load  # the native reader, or this package for .bin shards
 
-    state = load(path, map_location=map_location)
+    # load() passes a Placement, already checked, through unchanged
+    state = load(path, map_location=cast("MapLocation", map_location))
     aliases: set[str] = set()
     if path.endswith(".safetensors"):
         aliases = set(json.loads(open_file(path)[0].header.metadata.get(ALIASES, "{}")))
@@ -74,9 +76,7 @@ def _load_shard(path: str, map_location: MapLocation) -> tuple[dict[str, torch.T
     return dict(state), aliases
 
 
-def _load_sharded(
-    folder: str, index_name: str, map_location: MapLocation
-) -> dict[str, torch.Tensor]:
+def _load_sharded(folder: str, index_name: str, map_location: Where) -> dict[str, torch.Tensor]:
     index_path = os.path.join(folder, index_name)
     weight_map = _weight_map(index_path)
     state: dict[str, torch.Tensor] = {}

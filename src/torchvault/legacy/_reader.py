@@ -14,12 +14,12 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .._tensors import MapLocation
+from .._placement import MapLocation, Misplaced, Placement, check
 from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -98,21 +98,25 @@ class Session:
     """One read of one file."""
 
     def __init__(
-        self, path: str, *, map_location: MapLocation = "cpu", permissive: bool = False
+        self,
+        path: str,
+        *,
+        map_location: MapLocation | Placement = "cpu",
+        permissive: bool = False,
     ) -> None:
         self.path = path
-        self.map_location = map_location
+        self.placement = check(map_location)
         self.permissive = permissive
         self.seen: Counter[str] = Counter()
         self.refused: set[str] = set()
         self.called: set[str] = set()  # refused names the stream calls (permissive mode)
         self.anomalies: list[str] = []
         self.format = "unknown"
-        self.context = _allowlist.Context(self._device)
+        self.context = _allowlist.Context(self._place)
         self.table = _allowlist.table(self.context)
         self.persistent: Callable[[object], object] | None = None  # the tar format's own
         self.storages: dict[str, _allowlist.Storage] = {}
-        self._devices: dict[str, torch.device] = {}
+        self._placed: dict[str, torch.Tensor] = {}
 
     # -- the unpickler's callbacks ------------------------------------------------------
 
@@ -170,27 +174,26 @@ class Session:
             raise CorruptCheckpointError(f"storage {key} is declared twice with different sizes")
         return known
 
-    def _device(self, saved: str) -> torch.device:
-        device = self._devices.get(saved)
-        if device is None:
-            where = self.map_location
-            if isinstance(where, Mapping):
-                where = where.get(saved, saved)
-            if where is None:
-                where = saved
-            if isinstance(where, str) and not _allowlist.DEVICE.fullmatch(where):
+    def _place(self, storage: _allowlist.Storage) -> torch.Tensor:
+        """A storage's bytes where ``map_location`` puts them, once per storage, so tensors
+        sharing a storage share it on the target device too."""
+        placed = self._placed.get(storage.key)
+        if placed is None:
+            if storage.data is None:
+                raise CorruptCheckpointError(f"storage {storage.key} was never read")
+            if not _allowlist.DEVICE.fullmatch(storage.location):
                 raise CorruptCheckpointError(
-                    f"a tensor was saved on device {saved!r:.40}, which is not a device name; "
-                    "pass map_location='cpu'"
+                    f"a tensor was saved on device {storage.location!r:.40}, which is not a "
+                    "device name"
                 )
-            device = torch.device(where)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise UnsupportedFormatError(
-                    f"tensors saved on {saved} would go to {device}, but CUDA is not available "
-                    "here; pass map_location='cpu'"
-                )
-            self._devices[saved] = device
-        return device
+            try:
+                placed = self.placement.place(storage.data, storage.location)
+            except TorchVaultError:
+                raise
+            except Exception as exc:  # map_location's fault, or its callable's: not the file's
+                raise Misplaced(exc) from exc
+            self._placed[storage.key] = placed
+        return placed
 
     # -- running a stream ------------------------------------------------------------------
 
@@ -225,6 +228,8 @@ class Session:
     def finish(self, obj: object) -> object:
         try:
             return finish(obj, keep=lambda o: isinstance(o, Stub))
+        except Misplaced as exc:
+            raise exc.error from None
         except TorchVaultError as exc:
             raise located(exc, self.path) from exc
         except RecursionError:  # a caller already deep in its own stack
@@ -276,7 +281,11 @@ def is_foreign(path: str | os.PathLike[str]) -> bool:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False  # the native reader reports it, without opening a pipe
         with open(path, "rb") as file:
-            return kind_of(file.read(512), os.fstat(file.fileno()).st_size) in _OURS
+            head = file.read(512)
+            # an ONNX model too: this package's error names the function that reads it
+            return kind_of(head, os.fstat(file.fileno()).st_size) in _OURS or is_onnx(
+                head, os.fspath(path)
+            )
     except OSError:
         return False  # the native reader reports it
 
@@ -304,6 +313,16 @@ def kind_of(head: bytes, size: int) -> str:
     return "unknown"
 
 
+def is_onnx(head: bytes, path: str) -> bool:
+    """An ONNX model: a protobuf whose first field is ``ir_version`` (tag 0x08) and whose
+    producer is named near the start, or any file named ``*.onnx`` that is no checkpoint."""
+    if kind_of(head, 1 << 62) != "unknown":
+        return False
+    return path.lower().endswith(".onnx") or (
+        head[:1] == b"\x08" and (b"pytorch" in head or b"onnx" in head.lower())
+    )
+
+
 def read(session: Session, data: mmap.mmap | bytes, *, scan: bool = False) -> object:
     """The object in a torch.save file, unpickled by ``session``, finished.
 
@@ -326,11 +345,23 @@ def read(session: Session, data: mmap.mmap | bytes, *, scan: bool = False) -> ob
         from ._tar import read_tar  # imports this module
 
         return session.finish(read_tar(session, data))
-    raise unsupported(session.path, kind)
+    raise unsupported(session.path, kind, bytes(data[:512]))
 
 
-def unsupported(path: str, kind: str) -> UnsupportedFormatError:
-    if kind in _WRAPPERS.values():
+def unsupported(path: str, kind: str, head: bytes = b"") -> UnsupportedFormatError:
+    """The error for a file this reader does not read, naming the function that does."""
+    if kind == "safetensors":
+        why = (
+            "is a torchvault or safetensors checkpoint, not a torch.save file; load it with "
+            "tv.load(path) or tv.load_into(model, path)"
+        )
+    elif is_onnx(head, path):
+        why = (
+            "is an ONNX model, not a checkpoint; run it with onnxruntime (torchvault writes "
+            "ONNX with tv.export_onnx, and reads weights from torchvault, safetensors and "
+            "torch.save files)"
+        )
+    elif kind in _WRAPPERS.values():
         why = (
             f"is wrapped in {kind} compression; decompress it yourself (checking its size) "
             "and open the inner file, so that no archive can expand without limit"
@@ -351,6 +382,12 @@ def _read_zip(session: Session, archive: ZipArchive) -> object:
             path=path,
         )
     pickle = archive.find("data.pkl")
+    if pickle is None and any(n.rsplit("/", 1)[-1] == "archive_format" for n in archive.entries):
+        raise UnsupportedFormatError(
+            f"{path}: is a torch.export program (.pt2), not a checkpoint; load it with "
+            "tv.load_program(path)",
+            path=path,
+        )
     if pickle is None:
         raise UnsupportedFormatError(
             f"{path}: is a zip archive without data.pkl, so not a torch.save file",

@@ -12,6 +12,7 @@ import os
 import stat
 from collections import Counter
 
+from .. import _args
 from .._file import _gc_paused
 from .._report import GlobalRef, ScanReport
 from .._store import RUN_FILE
@@ -51,7 +52,7 @@ def scan(path: str | os.PathLike[str]) -> ScanReport:
         >>> report = tv.scan("downloads/model.bin")
         >>> report.safe, report.unsafe_globals
     """
-    name = os.fspath(path)
+    name = _args.path(path)
     if os.path.isdir(name):
         return _scan_folder(name)
     if not os.path.exists(name):
