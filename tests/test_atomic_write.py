@@ -732,3 +732,31 @@ def test_sigkill_while_old_files_are_freed_leaves_only_the_checkpoint(tmp_path: 
     assert all(TEMP_MARK in p for p in extra), extra
     tv.save(big_state(1.0), tmp_path / "ckpt.tv")
     assert os.listdir(tmp_path) == ["ckpt.tv"]
+
+
+def test_a_file_on_a_network_file_system_is_replaced_without_being_held(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # NFS and FUSE hide a file renamed over while open as .nfsXXXX / .fuse_hiddenXXXX until
+    # it is closed: a file a killed process would leave behind. Hold only on local ones.
+    path = tmp_path / "last.tv"
+    tv.save(big_state(1.0), path)
+    old = inode(path)
+    held: list[list[int]] = []
+    monkeypatch.setattr(_commit, "_fs_type", lambda fd: 0x6969)  # NFS_SUPER_MAGIC
+    with monkeypatch.context() as patch:
+        patch.setattr(_commit, "os", RecordingOs(lambda op: held.append(fds_on(old))))
+        tv.save(big_state(2.0), path)
+    assert held == [[]]
+    assert tv.load(path)["step"] == 2
+
+
+def test_the_test_folder_is_on_a_file_system_where_replaced_files_are_held(
+    tmp_path: Path,
+) -> None:
+    # The tests above that expect a held file need tmp_path on a local file system.
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert _commit._fs_type(fd) in _commit._LOCAL_FS
+    finally:
+        os.close(fd)

@@ -127,14 +127,51 @@ def _hold(path: Path, *, drop_cache: bool) -> int | None:
         return None
     try:
         info = _held_os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size < _HOLD_BYTES:
-            _held_os.close(fd)  # another name keeps it anyway, or it is cheap to free
+        if (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_nlink != 1  # another name keeps it anyway
+            or info.st_size < _HOLD_BYTES  # cheap to free
+            or _fs_type(fd) not in _LOCAL_FS
+        ):
+            _held_os.close(fd)
             return None
         if drop_cache and _only_clean_pages(fd):
             _held_os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass  # the cache hint is optional; the descriptor is still worth holding
     return fd
+
+
+# Local file systems, where a file renamed over or unlinked while open just loses its name.
+# Network and FUSE file systems hide it under another name instead (.nfsXXXX,
+# .fuse_hiddenXXXX) until it is closed, a file a killed process would leave behind.
+_LOCAL_FS = frozenset(
+    {
+        0xEF53,  # ext2/3/4
+        0x58465342,  # xfs
+        0x9123683E,  # btrfs
+        0x01021994,  # tmpfs
+        0xF2F52010,  # f2fs
+        0x2FC12FC1,  # zfs
+        0xCA451A4E,  # bcachefs
+        0x794C7630,  # overlayfs (containers)
+    }
+)
+
+
+def _fs_type(fd: int) -> int:
+    """The ``f_type`` of the file system holding ``fd`` (Linux), or -1 when unknown."""
+    if _syscall() is None:  # same platforms: there f_type is the first field, a long
+        return -1
+    found = (ctypes.c_long * 32)()  # struct statfs is 120 bytes on these platforms
+    if _libc().fstatfs(ctypes.c_int(fd), ctypes.byref(found)) != 0:
+        return -1
+    return int(found[0])
+
+
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 class _CacheStat(ctypes.Structure):
@@ -162,7 +199,7 @@ def _syscall() -> Callable[..., int] | None:
     ):
         return None
     try:
-        function: Callable[..., int] = ctypes.CDLL(None, use_errno=True).syscall
+        function: Callable[..., int] = _libc().syscall
     except (OSError, AttributeError):
         return None
     return function
