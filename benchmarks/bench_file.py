@@ -753,7 +753,7 @@ def memory_targets(big: dict[str, Result]) -> list[Target]:
 def notes(big: dict[str, Result], small: dict[str, Result], checks: list[Target]) -> list[str]:
     lines = [
         "- All reads are warm (page cache never dropped), like the reference baselines; "
-        "saves write a new file each run and include fsync.",
+        "in the workload tables, saves write a new file each run and include fsync.",
         *big_notes(big),
         *small_notes(small),
     ]

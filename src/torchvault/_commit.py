@@ -264,7 +264,7 @@ class _Releases:
 
     def wait(self, timeout: float | None) -> bool:
         with self.lock:
-            if self.thread is None:
+            if self.thread is None or not self.thread.is_alive():
                 return True
         done = threading.Event()
         self.queue.put(done)
