@@ -36,7 +36,6 @@ import torch
 import xxhash
 
 import torchvault as tv
-from torchvault import _commit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -538,9 +537,11 @@ class SaveRun:
 def wait_for_frees() -> None:
     """Wait for the files tv.save replaced to be freed (untimed: in training, this runs on
     a background thread during the next steps). Older torchvault frees them in the save."""
-    wait = getattr(_commit, "wait_for_frees", None)
-    if wait is not None:
-        wait()
+    try:
+        from torchvault import _freeing
+    except ImportError:
+        return
+    _freeing.wait_for_frees()
 
 
 def save_runs(workload: Workload, sd: StateDict, runs: int, warmup: int) -> list[SaveRun]:

@@ -31,7 +31,7 @@ import torch
 
 import attack_files as af
 import torchvault as tv
-from torchvault import _commit
+from torchvault import _commit, _freeing
 
 TEMP_MARK = ".tvtmp-"
 
@@ -507,7 +507,7 @@ def test_saving_over_a_large_file_frees_the_old_one_off_the_callers_thread(
         tv.save(big_state(2.0), path)
     assert len(held_at_rename) == 1
     assert held_at_rename[0], "the rename dropped the old file's last reference itself"
-    assert _commit.wait_for_frees(timeout=30)
+    assert _freeing.wait_for_frees(timeout=30)
     assert fds_on(old) == [], "the old file was never freed"
     assert tv.load(path)["step"] == 2
     assert os.listdir(tmp_path) == ["last.tv"]
@@ -526,20 +526,20 @@ def test_the_old_file_is_freed_on_a_background_thread(
             closed_on.append(threading.current_thread().name)
         os.close(fd)
 
-    monkeypatch.setattr(_commit, "_close_quietly", close)
+    monkeypatch.setattr(_freeing, "close_quietly", close)
     tv.save(big_state(2.0), path)
-    assert _commit.wait_for_frees(timeout=30)
+    assert _freeing.wait_for_frees(timeout=30)
     assert closed_on == ["torchvault-free"]
 
 
 def test_many_saves_over_one_file_leak_no_descriptor(tmp_path: Path) -> None:
     path = tmp_path / "last.tv"
     tv.save(big_state(0.0), path)
-    assert _commit.wait_for_frees(timeout=30)
+    assert _freeing.wait_for_frees(timeout=30)
     start = open_fds()
     for step in range(1, 6):
         tv.save(big_state(float(step)), path)
-    assert _commit.wait_for_frees(timeout=30)
+    assert _freeing.wait_for_frees(timeout=30)
     assert open_fds() == start
     assert tv.load(path)["step"] == 5
 
@@ -558,7 +558,7 @@ def test_deleting_a_large_file_frees_it_off_the_callers_thread(
     assert len(held_at_unlink) == 1
     assert held_at_unlink[0], "the unlink dropped the last reference itself"
     assert not path.exists()
-    assert _commit.wait_for_frees(timeout=30)
+    assert _freeing.wait_for_frees(timeout=30)
     assert fds_on(old) == []
 
 
@@ -589,7 +589,7 @@ def test_a_file_that_cannot_be_held_is_still_replaced(
 
     path = tmp_path / "last.tv"
     tv.save(big_state(1.0), path)
-    monkeypatch.setattr(_commit, "_held_os", NoOpen())
+    monkeypatch.setattr(_freeing, "os", NoOpen())
     tv.save(big_state(2.0), path)
     _commit.remove(tmp_path / "missing")
     assert tv.load(path)["step"] == 2
@@ -644,7 +644,7 @@ def cachestat_works(tmp_path: Path) -> bool:
     fd = os.open(probe, os.O_RDONLY)
     try:
         os.fsync(fd)
-        return _commit._only_clean_pages(fd)
+        return _freeing.only_clean_pages(fd)
     finally:
         os.close(fd)
         probe.unlink()
@@ -703,8 +703,8 @@ def test_a_child_forked_while_an_old_file_waits_to_be_freed_does_not_keep_it(
         with contextlib.suppress(OSError):
             os.close(fd)
 
-    monkeypatch.setattr(_commit, "_close_quietly", close)
-    _commit._free_later(blocker)
+    monkeypatch.setattr(_freeing, "close_quietly", close)
+    _freeing.free_later(blocker)
     tv.save(big_state(2.0), path)
     try:
         assert fds_on(old), "the old file should still be waiting to be freed"
@@ -714,7 +714,7 @@ def test_a_child_forked_while_an_old_file_waits_to_be_freed_does_not_keep_it(
         _, status = os.waitpid(pid, 0)
     finally:
         gate.set()
-    assert _commit.wait_for_frees(timeout=30)
+    assert _freeing.wait_for_frees(timeout=30)
     assert os.WIFEXITED(status)
     assert os.WEXITSTATUS(status) == 0, "the child kept the old file"
     assert fds_on(old) == []
@@ -743,7 +743,7 @@ def test_a_file_on_a_network_file_system_is_replaced_without_being_held(
     tv.save(big_state(1.0), path)
     old = inode(path)
     held: list[list[int]] = []
-    monkeypatch.setattr(_commit, "_fs_type", lambda fd: 0x6969)  # NFS_SUPER_MAGIC
+    monkeypatch.setattr(_freeing, "fs_type", lambda fd: 0x6969)  # NFS_SUPER_MAGIC
     with monkeypatch.context() as patch:
         patch.setattr(_commit, "os", RecordingOs(lambda op: held.append(fds_on(old))))
         tv.save(big_state(2.0), path)
@@ -757,6 +757,6 @@ def test_the_test_folder_is_on_a_file_system_where_replaced_files_are_held(
     # The tests above that expect a held file need tmp_path on a local file system.
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
-        assert _commit._fs_type(fd) in _commit._LOCAL_FS
+        assert _freeing.fs_type(fd) in _freeing.LOCAL_FS
     finally:
         os.close(fd)

@@ -13,15 +13,8 @@ across file systems, and they are created with the usual 0o666 & ~umask mode, no
 0o600. Fault-injection tests patch this module's ``os`` and ``_writer``: one seam for every
 operation that changes the file system.
 
-Replacing or deleting a large file does not free it on the caller's thread. Freeing a file's
-blocks takes time in proportion to its size (on a disk mounted with online ``discard`` the
-kernel discards them synchronously inside the rename or unlink: 0.17 s/GiB measured here), so
-``_hold`` opens the old file read-only first, the rename or unlink then only drops a name, and
-``_free_later`` closes that last reference on a background thread, where the kernel frees it.
-No file is left behind at any point: a killed process's descriptors are closed by the kernel,
-and a power loss leaves the nameless inode to the file system's orphan recovery, as for any
-file deleted while open. That descriptor is read-only and changes nothing durable, so it goes
-around the seam (a test's shim never sees a descriptor that another thread closes later).
+Replacing or deleting a large file does not free it on the caller's thread: ``_freeing`` holds
+the old file open across the rename or unlink and closes it on a background thread.
 """
 
 from __future__ import annotations
@@ -33,17 +26,13 @@ import functools
 import glob
 import io
 import os
-import platform
-import queue
 import secrets
 import socket
-import stat
-import sys
-import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import _freeing
 from .errors import CheckpointWriteError
 
 TEMP_MARK = ".tvtmp-"
@@ -51,8 +40,6 @@ _HOST = "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
 _BUFFER = 1 << 20
 _KICK = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
-_HOLD_BYTES = 1 << 20  # smaller files cost less to free than to hand to the background
-_held_os = os  # not the fault-injection seam: see the module docstring
 
 
 class _WritebackFile(io.BufferedWriter):
@@ -96,215 +83,6 @@ def _start_writeback(fd: int) -> None:
     function = _sync_file_range()
     if function is not None:
         function(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors ignored: fsync still follows
-
-
-def _hold(path: Path, *, drop_cache: bool) -> int | None:
-    """Open the file at ``path`` read-only when replacing or deleting it would free a lot.
-
-    While the descriptor is open, a rename over ``path`` or an unlink only drops a name; the
-    file's blocks are freed when :func:`_free_later` closes it. With ``drop_cache``, the
-    file's cached pages are also dropped now when all of them are clean (the file is
-    unchanged and on the disk: nothing is lost), so that the file written next gets pages
-    the kernel just freed. Otherwise they would be freed only at the rename, after the new
-    file took fresh pages: an allocation that costs reclaim on a machine whose memory is
-    full of cache, and costs several times more on a VM that hands free memory back to its
-    host (measured here: 256 MiB saved over an old file took 0.15-0.9 s with the old pages
-    kept, 0.12-0.14 s with them dropped first).
-
-    Returns:
-        The descriptor, or None when ``path`` is not a regular file of at least
-        ``_HOLD_BYTES`` with one name, or cannot be opened (nothing is held then; the
-        caller's rename or unlink frees the file as before). Never raises.
-    """
-    if _held_os.name != "posix":  # Windows cannot rename over an open file
-        return None
-    try:
-        if not stat.S_ISREG(_held_os.lstat(path).st_mode):
-            return None  # never open a FIFO or a device; a symlink's target is not freed
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-        fd = _held_os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        info = _held_os.fstat(fd)
-        if (
-            not stat.S_ISREG(info.st_mode)
-            or info.st_nlink != 1  # another name keeps it anyway
-            or info.st_size < _HOLD_BYTES  # cheap to free
-            or _fs_type(fd) not in _LOCAL_FS
-        ):
-            _held_os.close(fd)
-            return None
-        if drop_cache and _only_clean_pages(fd):
-            _held_os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass  # the cache hint is optional; the descriptor is still worth holding
-    return fd
-
-
-# Local file systems, where a file renamed over or unlinked while open just loses its name.
-# Network and FUSE file systems hide it under another name instead (.nfsXXXX,
-# .fuse_hiddenXXXX) until it is closed, a file a killed process would leave behind.
-_LOCAL_FS = frozenset(
-    {
-        0xEF53,  # ext2/3/4
-        0x58465342,  # xfs
-        0x9123683E,  # btrfs
-        0x01021994,  # tmpfs
-        0xF2F52010,  # f2fs
-        0x2FC12FC1,  # zfs
-        0xCA451A4E,  # bcachefs
-        0x794C7630,  # overlayfs (containers)
-    }
-)
-
-
-def _fs_type(fd: int) -> int:
-    """The ``f_type`` of the file system holding ``fd`` (Linux), or -1 when unknown."""
-    if _syscall() is None:  # same platforms: there f_type is the first field, a long
-        return -1
-    found = (ctypes.c_long * 32)()  # struct statfs is 120 bytes on these platforms
-    if _libc().fstatfs(ctypes.c_int(fd), ctypes.byref(found)) != 0:
-        return -1
-    return int(found[0])
-
-
-@functools.cache
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-class _CacheStat(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
-    ]
-
-
-class _CacheRange(ctypes.Structure):
-    _fields_ = [("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
-
-
-_CACHESTAT = 451  # the same number on every architecture below (new syscalls since 5.1)
-
-
-@functools.cache
-def _syscall() -> Callable[..., int] | None:
-    if sys.platform != "linux" or platform.machine() not in (
-        "x86_64",
-        "aarch64",
-        "riscv64",
-        "ppc64le",
-        "s390x",
-    ):
-        return None
-    try:
-        function: Callable[..., int] = _libc().syscall
-    except (OSError, AttributeError):
-        return None
-    return function
-
-
-def _only_clean_pages(fd: int) -> bool:
-    """Whether ``fd``'s file has cached pages and none that is dirty or being written.
-
-    Uses ``cachestat`` (Linux 6.5+). Dropping dirty pages would first write them back (the
-    kernel's ``POSIX_FADV_DONTNEED`` starts that), extra disk work for data about to be
-    deleted, so anything unknown counts as not clean.
-    """
-    function = _syscall()
-    if function is None or not hasattr(os, "posix_fadvise"):
-        return False
-    found = _CacheStat()
-    span = _CacheRange(0, 0)  # length 0: to the end of the file
-    done = function(
-        ctypes.c_long(_CACHESTAT),
-        ctypes.c_int(fd),
-        ctypes.byref(span),
-        ctypes.byref(found),
-        ctypes.c_uint(0),
-    )
-    return done == 0 and found.cache > 0 and found.dirty == 0 and found.writeback == 0
-
-
-_Release = int | threading.Event
-
-
-class _Releases:
-    """Closes the descriptors :func:`_hold` opened, in order, on one daemon thread."""
-
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[_Release] = queue.SimpleQueue()
-        self.pending: set[int] = set()  # queued or about to be closed
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    def put(self, fd: int) -> None:
-        with self.lock:
-            if self.thread is None or not self.thread.is_alive():
-                thread = threading.Thread(target=self._run, name="torchvault-free", daemon=True)
-                try:
-                    thread.start()
-                except RuntimeError:  # the interpreter is exiting: free it here
-                    _close_quietly(fd)
-                    return
-                self.thread = thread
-            self.pending.add(fd)
-        self.queue.put(fd)
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            with self.lock:  # forget it first: once closed, its number may be reused
-                self.pending.discard(item)
-            _close_quietly(item)
-
-    def wait(self, timeout: float | None) -> bool:
-        with self.lock:
-            if self.thread is None or not self.thread.is_alive():
-                return True
-        done = threading.Event()
-        self.queue.put(done)
-        return done.wait(timeout)
-
-
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        _held_os.close(fd)
-
-
-_releases = _Releases()
-
-
-def _free_later(fd: int | None) -> None:
-    """Close a descriptor from :func:`_hold` off the caller's thread (None: nothing held)."""
-    if fd is not None:
-        _releases.put(fd)
-
-
-def wait_for_frees(timeout: float | None = None) -> bool:
-    """Wait until every file replaced or deleted so far is freed (benchmarks and tests).
-
-    Returns:
-        False when ``timeout`` seconds passed first.
-    """
-    return _releases.wait(timeout)
-
-
-def _forget_releases_in_child() -> None:
-    """After fork: the child closes its copies of pending descriptors, or a long-lived child
-    (a DataLoader worker) would keep a replaced checkpoint's blocks allocated."""
-    global _releases
-    for fd in _releases.pending:
-        _close_quietly(fd)
-    _releases = _Releases()  # the parent's thread and lock state do not carry over
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_releases_in_child)
 
 
 def temp_name(path: Path) -> Path:
@@ -358,11 +136,11 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             errno=errno.EISDIR,
         )
     remove_orphans(dest)
-    old = _hold(dest, drop_cache=True)
+    old = _freeing.hold(dest, drop_cache=True)
     try:
         yield from _publish(dest)
     finally:
-        _free_later(old)
+        _freeing.free_later(old)
 
 
 def _publish(dest: Path) -> Generator[BinaryIO, None, None]:
@@ -490,7 +268,7 @@ def remove(path: str | os.PathLike[str]) -> None:
         CheckpointWriteError: the unlink or the folder fsync failed.
     """
     target = Path(path)
-    old = _hold(target, drop_cache=False)
+    old = _freeing.hold(target, drop_cache=False)
     try:
         try:
             os.unlink(target)
@@ -503,7 +281,7 @@ def remove(path: str | os.PathLike[str]) -> None:
         except OSError as exc:
             raise write_error(target, exc, "delete", "It may reappear after a power loss.") from exc
     finally:
-        _free_later(old)
+        _freeing.free_later(old)
 
 
 def make_dirs(path: str | os.PathLike[str]) -> None:
