@@ -57,7 +57,8 @@ def hold(path: Path, *, drop_cache: bool) -> int | None:
     if os.name != "posix":  # Windows cannot rename over an open file
         return None
     try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
+        found = os.lstat(path)
+        if not _worth_holding(found):
             return None  # never open a FIFO or a device; a symlink's target is not freed
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
@@ -67,19 +68,21 @@ def hold(path: Path, *, drop_cache: bool) -> int | None:
         info: os.stat_result | None = os.fstat(fd)
     except OSError:
         info = None
-    if (
-        info is None
-        or not stat.S_ISREG(info.st_mode)
-        or info.st_nlink != 1  # another name keeps it anyway
-        or info.st_size < HOLD_BYTES  # cheap to free
-        or fs_type(fd) not in LOCAL_FS
-    ):
+    if info is None or not _worth_holding(info) or fs_type(fd) not in LOCAL_FS:
         close_quietly(fd)
         return None
     if drop_cache and only_clean_pages(fd):
         with contextlib.suppress(OSError):  # only a hint
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     return fd
+
+
+def _worth_holding(info: os.stat_result) -> bool:
+    return (
+        stat.S_ISREG(info.st_mode)
+        and info.st_nlink == 1  # another name keeps it anyway
+        and info.st_size >= HOLD_BYTES  # smaller: cheap to free
+    )
 
 
 # Local file systems, where a file renamed over or unlinked while open just loses its name.
