@@ -503,6 +503,149 @@ def measure_memory(results: list[Result], args: argparse.Namespace) -> None:
         log(f"memory {result.case.key}: +{result.peak_extra_mib:.1f} MiB anon")
 
 
+# ----------------------------------------------------------------------------- saving over a file
+
+
+SAVE_CASES = {
+    "new": "new path (the old file deleted, untimed, before each save)",
+    "overwrite": "over the previous file at the same path",
+    "overwrite+load": "over the previous file, each save followed by a load of it",
+}
+
+
+@dataclass
+class SaveRun:
+    """One case of the save comparison: tv.save against torch.save + fsync, same rounds."""
+
+    case: str
+    tv: list[float] = field(default_factory=list)
+    torch: list[float] = field(default_factory=list)
+    freed: list[float] = field(default_factory=list)  # after tv.save returned, until freed
+    tv_load: list[float] = field(default_factory=list)
+    torch_load: list[float] = field(default_factory=list)
+
+    @property
+    def ratio_of_medians(self) -> float:
+        return statistics.median(self.torch) / statistics.median(self.tv)
+
+    @property
+    def paired_ratio(self) -> float:
+        """The median over rounds of torch.save time / tv.save time in the same round."""
+        return statistics.median(b / a for a, b in zip(self.tv, self.torch, strict=True))
+
+
+def wait_for_frees() -> None:
+    """Wait for the files tv.save replaced to be freed (untimed: in training, this runs on
+    a background thread during the next steps). Older torchvault frees them in the save."""
+    try:
+        from torchvault import _freeing
+    except ImportError:
+        return
+    _freeing.wait_for_frees()
+
+
+def save_runs(workload: Workload, sd: StateDict, runs: int, warmup: int) -> list[SaveRun]:
+    """tv.save and torch.save + fsync of ``sd``, alternating (which goes first alternates
+    too), in each case of SAVE_CASES, one case after the other. No prefaulting: the saves
+    get whatever memory the previous round left, as in a training loop."""
+    results = []
+    for case in SAVE_CASES:
+        tv_path = WORK / f"saves-{workload.name}.tv"
+        pt_path = WORK / f"saves-{workload.name}.pt"
+        for path in (tv_path, pt_path):
+            clear(path)
+        result = SaveRun(case)
+        for round_ in range(warmup + runs):
+            timings = {}
+            order = ("tv", "torch") if round_ % 2 == 0 else ("torch", "tv")
+            for side in order:
+                timings.update(save_once(side, case, sd, tv_path if side == "tv" else pt_path))
+            if round_ >= warmup:
+                for key, seconds in timings.items():
+                    getattr(result, key).append(seconds)
+        log(
+            f"saves {case}: tv.save {statistics.median(result.tv):.3f} s, torch.save "
+            f"{statistics.median(result.torch):.3f} s, ratio {result.ratio_of_medians:.2f}"
+        )
+        results.append(result)
+        for path in (tv_path, pt_path):
+            clear(path)
+    return results
+
+
+def save_once(side: str, case: str, sd: StateDict, path: Path) -> dict[str, float]:
+    """Time one save (and for overwrite+load, one load of it) by ``side``."""
+    if case == "new":
+        clear(path)
+    gc.collect()
+    times = {}
+    start = time.perf_counter()
+    if side == "tv":
+        tv.save(sd, path)
+        times["tv"] = time.perf_counter() - start
+        wait_for_frees()
+        times["freed"] = time.perf_counter() - start - times["tv"]
+    else:
+        torch_save(sd, path)
+        times["torch"] = time.perf_counter() - start
+    if case == "overwrite+load":
+        start = time.perf_counter()
+        loaded = touched(tv_full if side == "tv" else torch_load)(sd, path)
+        times[f"{side}_load"] = time.perf_counter() - start
+        del loaded
+        gc.collect()
+    return times
+
+
+def save_table(results: list[SaveRun]) -> list[str]:
+    def spread(values: list[float]) -> str:
+        if not values:
+            return ""
+        return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+    lines = [
+        "| Case | tv.save s | torch.save + fsync s | tv.save / torch.save throughput, "
+        "ratio of medians | median of per-round ratios | freed after tv.save returned s | "
+        "tv.load() + touch s | torch.load(weights_only) + touch s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines.extend(
+        f"| {SAVE_CASES[r.case]} | {spread(r.tv)} | {spread(r.torch)} | "
+        f"{r.ratio_of_medians:.2f} x | {r.paired_ratio:.2f} x | {spread(r.freed)} | "
+        f"{spread(r.tv_load)} | {spread(r.torch_load)} |"
+        for r in results
+    )
+    return lines
+
+
+def save_targets(results: list[SaveRun]) -> list[Target]:
+    return [
+        Target(
+            f"tv.save / torch.save throughput, {SAVE_CASES[r.case]}", r.ratio_of_medians, 1.25, True
+        )
+        for r in results
+    ]
+
+
+def save_section(results: list[SaveRun], args: argparse.Namespace) -> list[str]:
+    workload = big_workload(args.save_size_mib or args.size_mib, args.tensor_mib)
+    return [
+        f"## Saving to a new path and over an existing file: {workload.describe()}",
+        "",
+        f"One process, {args.runs} rounds after {args.warmup} warm-up round per case, the cases "
+        "one after the other. Each round saves with tv.save and with torch.save + fsync, each "
+        "to its own file, alternating which goes first; figures are median (min-max). No "
+        "prefaulting: every save gets the memory the previous ones left, as in a training "
+        "loop (the new-path case frees hot pages just before each save, when it deletes the "
+        "old file). After each tv.save the benchmark waits, untimed, until the file it "
+        "replaced is freed (torchvault does that on a background thread; the column shows "
+        "how long it took) so that freeing never overlaps the other library's save.",
+        "",
+        *save_table(results),
+        "",
+    ]
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -611,7 +754,7 @@ def memory_targets(big: dict[str, Result]) -> list[Target]:
 def notes(big: dict[str, Result], small: dict[str, Result], checks: list[Target]) -> list[str]:
     lines = [
         "- All reads are warm (page cache never dropped), like the reference baselines; "
-        "saves write a new file each run and include fsync.",
+        "in the workload tables, saves write a new file each run and include fsync.",
         *big_notes(big),
         *small_notes(small),
     ]
@@ -736,10 +879,18 @@ def command_line() -> str:
     return shlex.join([shown, script, *sys.argv[1:]])
 
 
-def report(big: list[Result], small: list[Result], args: argparse.Namespace, start: Start) -> str:
+def report(
+    big: list[Result],
+    small: list[Result],
+    saves: list[SaveRun],
+    args: argparse.Namespace,
+    start: Start,
+) -> str:
+    if not big:
+        return saves_report(saves, args, start)
     by_big = {r.case.key: r for r in big}
     by_small = {r.case.key: r for r in small}
-    checks = targets(by_big, by_small)
+    checks = targets(by_big, by_small) + save_targets(saves)
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     lines = [
         "# torchvault file benchmark results",
@@ -762,6 +913,7 @@ def report(big: list[Result], small: list[Result], args: argparse.Namespace, sta
         "",
         *small_table(small),
         "",
+        *(save_section(saves, args) if saves else []),
         "## Ratios and targets",
         "",
         "| Metric | measured | target | |",
@@ -774,6 +926,29 @@ def report(big: list[Result], small: list[Result], args: argparse.Namespace, sta
         "",
     ]
     return "\n".join(lines)
+
+
+def saves_report(saves: list[SaveRun], args: argparse.Namespace, start: Start) -> str:
+    """The report of ``--only saves``: the machine and the save comparison alone."""
+    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    checks = save_targets(saves)
+    return "\n".join(
+        [
+            "# torchvault save benchmark results (--only saves)",
+            "",
+            f"- Date: {stamp}",
+            *machine(start),
+            f"- Command: `{command_line()}` (from the repository root)",
+            "",
+            *save_section(saves, args),
+            "## Targets",
+            "",
+            "| Metric | measured | target | |",
+            "|---|---:|---:|---|",
+            *[t.row() for t in checks],
+            "",
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- main
@@ -834,6 +1009,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tensor-mib", type=int, default=16, help="workload A tensor size")
     parser.add_argument("--small-count", type=int, default=20_000, help="workload B tensors")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument(
+        "--save-size-mib",
+        type=int,
+        default=0,
+        help="state size of the new-path / overwrite save comparison (0: --size-mib)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("all", "saves"),
+        default="all",
+        help="'saves': only the new-path / overwrite save comparison",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parse_bench_args(parser, argv)
 
@@ -845,19 +1032,25 @@ def main(argv: list[str] | None = None) -> None:
         child_main(args)
         return
     start = Start.now()
+    save_load = big_workload(args.save_size_mib or args.size_mib, args.tensor_mib)
+    log(f"saves: {save_load.describe()}")
+    saves = save_runs(save_load, save_load.build(), args.runs, args.warmup)
+    big: list[Result] = []
+    small: list[Result] = []
     big_load = big_workload(args.size_mib, args.tensor_mib)
-    log(f"workload A: {big_load.describe()}")
-    sd = big_load.build()
-    big = time_cases(big_load, big_cases(big_load), sd, args.runs, args.warmup)
-    del sd
-    if not args.no_memory:
-        measure_memory(big, args)
     small_load = small_workload(args.small_count)
-    log(f"workload B: {small_load.describe()}")
-    small = time_cases(
-        small_load, small_cases(small_load), small_load.build(), args.runs, args.warmup
-    )
-    text = report(big, small, args, start)
+    if args.only == "all":
+        log(f"workload A: {big_load.describe()}")
+        sd = big_load.build()
+        big = time_cases(big_load, big_cases(big_load), sd, args.runs, args.warmup)
+        del sd
+        if not args.no_memory:
+            measure_memory(big, args)
+        log(f"workload B: {small_load.describe()}")
+        small = time_cases(
+            small_load, small_cases(small_load), small_load.build(), args.runs, args.warmup
+        )
+    text = report(big, small, saves, args, start)
     publish(text, args.results)
     cleanup([big_load, small_load])
 

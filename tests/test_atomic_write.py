@@ -12,23 +12,26 @@ buffered handle and on the raw file under it) and fails the k-th one, for every 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import random
 import select
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import pytest
 import torch
 
 import attack_files as af
 import torchvault as tv
-from torchvault import _commit
+from torchvault import _commit, _freeing
 
 TEMP_MARK = ".tvtmp-"
 
@@ -361,17 +364,21 @@ def test_keyboard_interrupt_at_every_call_before_commit_keeps_old_file(
 # ----------------------------------------------------------------------------- SIGKILL
 
 
-def _saving_child(path: Path, run: int, pipe: int) -> None:
+def _saving_child(path: Path, run: int, pipe: int, numel: int) -> None:
     """Save forever; report each completed save with one byte on ``pipe``."""
     step = 0
     while True:
         step += 1
-        state = {"run": run, "step": step, "w": torch.full((64, 64), float(step))}
+        # numpy fills it: torch's OpenMP pool, used by the parent, deadlocks after fork
+        w = torch.from_numpy(np.full(numel, float(step), dtype=np.float32))
+        state = {"run": run, "step": step, "w": w}
         tv.save(state, path)
         os.write(pipe, b".")
 
 
-def kill_saves(folder: Path, kills: int, seed: int, completed: list[int]) -> Iterator[str]:
+def kill_saves(
+    folder: Path, kills: int, seed: int, completed: list[int], numel: int = 64 * 64
+) -> Iterator[str]:
     """SIGKILL a saving child ``kills`` times; yield each broken promise.
 
     Each child is killed a random 0-5 ms after it reports its ``target``-th completed save
@@ -388,7 +395,7 @@ def kill_saves(folder: Path, kills: int, seed: int, completed: list[int]) -> Ite
         if pid == 0:  # the child: never returns into pytest
             try:
                 os.close(read)
-                _saving_child(path, run, write)
+                _saving_child(path, run, write, numel)
             finally:
                 os._exit(1)
         os.close(write)
@@ -440,3 +447,316 @@ def test_soak_sigkill_during_save_loop_leaves_old_or_new_file(tmp_path: Path) ->
     broken = list(kill_saves(tmp_path, kills=200, seed=2, completed=completed))
     assert not broken, broken
     assert sum(completed) >= 200, completed
+
+
+# ----------------------------------------------------------------------------- saving over a file
+
+
+def big_state(value: float) -> dict[str, Any]:
+    """A state whose file is large enough that replacing it is handed to the background."""
+    return {"w": torch.full((1 << 19,), value), "step": int(value)}  # 2 MiB of float32
+
+
+def inode(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def fds_on(key: tuple[int, int]) -> list[int]:
+    """This process's descriptors that refer to the file ``key`` (st_dev, st_ino)."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == key:
+            found.append(int(name))
+    return found
+
+
+class RecordingOs:
+    """``os`` for ``torchvault._commit`` that runs ``check`` just before each rename/unlink."""
+
+    def __init__(self, check: Callable[[str], None]) -> None:
+        self._check = check
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def replace(self, src: Any, dst: Any) -> None:
+        self._check("replace")
+        os.replace(src, dst)
+
+    def unlink(self, path: Any) -> None:
+        self._check("unlink")
+        os.unlink(path)
+
+
+def test_saving_over_a_large_file_frees_the_old_one_off_the_callers_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Freeing a large file's blocks takes time in proportion to its size (with online
+    # discard the kernel discards them inside the rename); the save must not pay for it.
+    path = tmp_path / "last.tv"
+    tv.save(big_state(1.0), path)
+    old = inode(path)
+    held_at_rename: list[list[int]] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(_commit, "os", RecordingOs(lambda op: held_at_rename.append(fds_on(old))))
+        tv.save(big_state(2.0), path)
+    assert len(held_at_rename) == 1
+    assert held_at_rename[0], "the rename dropped the old file's last reference itself"
+    assert _freeing.wait_for_frees(timeout=30)
+    assert fds_on(old) == [], "the old file was never freed"
+    assert tv.load(path)["step"] == 2
+    assert os.listdir(tmp_path) == ["last.tv"]
+
+
+def test_the_old_file_is_freed_on_a_background_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "last.tv"
+    tv.save(big_state(1.0), path)
+    old = inode(path)
+    closed_on: list[str] = []
+
+    def close(fd: int) -> None:
+        if fds_on(old) == [fd]:
+            closed_on.append(threading.current_thread().name)
+        os.close(fd)
+
+    monkeypatch.setattr(_freeing, "close_quietly", close)
+    tv.save(big_state(2.0), path)
+    assert _freeing.wait_for_frees(timeout=30)
+    assert closed_on == ["torchvault-free"]
+
+
+def test_many_saves_over_one_file_leak_no_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "last.tv"
+    tv.save(big_state(0.0), path)
+    assert _freeing.wait_for_frees(timeout=30)
+    start = open_fds()
+    for step in range(1, 6):
+        tv.save(big_state(float(step)), path)
+    assert _freeing.wait_for_frees(timeout=30)
+    assert open_fds() == start
+    assert tv.load(path)["step"] == 5
+
+
+def test_deleting_a_large_file_frees_it_off_the_callers_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "object"
+    path.write_bytes(bytes(2 << 20))
+    _commit.fsync_file(path)
+    old = inode(path)
+    held_at_unlink: list[list[int]] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(_commit, "os", RecordingOs(lambda op: held_at_unlink.append(fds_on(old))))
+        _commit.remove(path)
+    assert len(held_at_unlink) == 1
+    assert held_at_unlink[0], "the unlink dropped the last reference itself"
+    assert not path.exists()
+    assert _freeing.wait_for_frees(timeout=30)
+    assert fds_on(old) == []
+
+
+def test_small_files_are_replaced_and_deleted_on_the_callers_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Handing a file to the background costs more than freeing a small one.
+    path = tmp_path / "small.tv"
+    tv.save(old_state(), path)
+    old = inode(path)
+    held: list[list[int]] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(_commit, "os", RecordingOs(lambda op: held.append(fds_on(old))))
+        tv.save(new_state(), path)
+        _commit.remove(path)
+    assert held[0] == []
+
+
+def test_a_file_that_cannot_be_held_is_still_replaced(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    class NoOpen:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def open(self, *args: Any, **kwargs: Any) -> int:
+            raise PermissionError(errno.EACCES, "no read permission")
+
+    path = tmp_path / "last.tv"
+    tv.save(big_state(1.0), path)
+    monkeypatch.setattr(_freeing, "os", NoOpen())
+    tv.save(big_state(2.0), path)
+    _commit.remove(tmp_path / "missing")
+    assert tv.load(path)["step"] == 2
+    assert os.listdir(tmp_path) == ["last.tv"]
+
+
+def test_a_symlink_destination_is_replaced_without_holding_its_target(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    target = tmp_path / "target.tv"
+    tv.save(big_state(1.0), target)
+    link = tmp_path / "last.tv"
+    link.symlink_to(target)
+    held: list[list[int]] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(_commit, "os", RecordingOs(lambda op: held.append(fds_on(inode(target)))))
+        tv.save(big_state(2.0), link)
+    assert held == [[]]
+    assert not link.is_symlink()
+    assert tv.load(target)["step"] == 1
+    assert tv.load(link)["step"] == 2
+
+
+class AdviceSpy:
+    """Records POSIX_FADV_DONTNEED calls (by inode) and the first write of the new file."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple[int, int] | None]] = []
+        self._advise = os.posix_fadvise
+
+    def fadvise(self, fd: int, offset: int, length: int, advice: int) -> None:
+        st = os.fstat(fd)
+        if advice == os.POSIX_FADV_DONTNEED:
+            self.events.append(("dontneed", (st.st_dev, st.st_ino)))
+        self._advise(fd, offset, length, advice)
+
+    def writer(self, fd: int) -> BinaryIO:
+        spy = self
+
+        class Raw(io.FileIO):
+            def write(self, data: Any) -> int:
+                if not any(kind == "write" for kind, _ in spy.events):
+                    spy.events.append(("write", None))
+                return super().write(data)
+
+        return io.BufferedWriter(Raw(fd, "wb"), 1 << 20)
+
+
+def cachestat_works(tmp_path: Path) -> bool:
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * 4096)
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return _freeing.only_clean_pages(fd)
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_the_old_files_clean_cache_is_dropped_before_the_new_file_is_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Its pages are freed anyway once the file is replaced; freed before the new file is
+    # written, they are the pages the new file gets (no reclaim, and on this VM no pages
+    # that went back to the host and are slow to touch again).
+    if not cachestat_works(tmp_path):
+        pytest.skip("needs Linux 6.5+ (cachestat) on a file system with a page cache")
+    path = tmp_path / "last.tv"
+    tv.save(big_state(1.0), path)
+    spy = AdviceSpy()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "posix_fadvise", spy.fadvise)
+        patch.setattr(_commit, "_writer", spy.writer)
+        old = inode(path)
+        tv.save(big_state(2.0), path)
+    assert spy.events[:2] == [("dontneed", old), ("write", None)]
+    assert tv.load(path)["step"] == 2
+
+
+def test_the_old_files_cache_is_kept_when_it_holds_unwritten_data(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Dropping dirty pages would first write them back: disk work for a file being replaced.
+    path = tmp_path / "last.tv"
+    tv.save(big_state(1.0), path)
+    dirty = tmp_path / "dirty.tv"
+    dirty.write_bytes(path.read_bytes())  # no fsync: its pages are dirty for ~30 s
+    spy = AdviceSpy()
+    monkeypatch.setattr(os, "posix_fadvise", spy.fadvise)
+    tv.save(big_state(2.0), dirty)
+    assert [kind for kind, _ in spy.events] == []
+    assert tv.load(dirty)["step"] == 2
+
+
+def test_a_child_forked_while_an_old_file_waits_to_be_freed_does_not_keep_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A DataLoader worker forked right after a save would otherwise keep the replaced
+    # checkpoint's blocks allocated for as long as it lives.
+    path = tmp_path / "last.tv"
+    tv.save(big_state(1.0), path)
+    old = inode(path)
+    parent = os.getpid()
+    gate = threading.Event()
+    blocker = os.open(tmp_path, os.O_RDONLY)  # freed first, slowly: the old file waits
+
+    def close(fd: int) -> None:
+        if fd == blocker and os.getpid() == parent:
+            gate.wait(30)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    monkeypatch.setattr(_freeing, "close_quietly", close)
+    _freeing.free_later(blocker)
+    tv.save(big_state(2.0), path)
+    try:
+        assert fds_on(old), "the old file should still be waiting to be freed"
+        pid = os.fork()
+        if pid == 0:
+            os._exit(1 if fds_on(old) else 0)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        gate.set()
+    assert _freeing.wait_for_frees(timeout=30)
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0, "the child kept the old file"
+    assert fds_on(old) == []
+
+
+def test_sigkill_while_old_files_are_freed_leaves_only_the_checkpoint(tmp_path: Path) -> None:
+    # Files of 2 MiB: each save hands the file it replaces to the background thread, and
+    # the kills land while some are being freed. Nothing but the checkpoint (and temp files
+    # of the dead children, which the next save removes) may remain.
+    completed: list[int] = []
+    broken = list(kill_saves(tmp_path, kills=10, seed=3, completed=completed, numel=1 << 19))
+    assert not broken, broken
+    assert sum(completed) >= 10, completed
+    extra = [p for p in os.listdir(tmp_path) if p != "ckpt.tv"]
+    assert all(TEMP_MARK in p for p in extra), extra
+    tv.save(big_state(1.0), tmp_path / "ckpt.tv")
+    assert os.listdir(tmp_path) == ["ckpt.tv"]
+
+
+def test_a_file_on_a_network_file_system_is_replaced_without_being_held(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # NFS and FUSE hide a file renamed over while open as .nfsXXXX / .fuse_hiddenXXXX until
+    # it is closed: a file a killed process would leave behind. Hold only on local ones.
+    path = tmp_path / "last.tv"
+    tv.save(big_state(1.0), path)
+    old = inode(path)
+    held: list[list[int]] = []
+    monkeypatch.setattr(_freeing, "fs_type", lambda fd: 0x6969)  # NFS_SUPER_MAGIC
+    with monkeypatch.context() as patch:
+        patch.setattr(_commit, "os", RecordingOs(lambda op: held.append(fds_on(old))))
+        tv.save(big_state(2.0), path)
+    assert held == [[]]
+    assert tv.load(path)["step"] == 2
+
+
+def test_the_test_folder_is_on_a_file_system_where_replaced_files_are_held(
+    tmp_path: Path,
+) -> None:
+    # The tests above that expect a held file need tmp_path on a local file system.
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert _freeing.fs_type(fd) in _freeing.LOCAL_FS
+    finally:
+        os.close(fd)

@@ -23,7 +23,7 @@ import attack_files as af
 import crashfs
 import torchvault as tv
 from crashfs import CrashFS, SimulatedCrash
-from torchvault import _commit
+from torchvault import _commit, _freeing
 
 BIG = (1 << 20) + 3  # spans several numbered writes of crashfs.WRITE_SIZE
 DEAD_PID = 2**31 - 1  # above any pid_max: never a live process
@@ -470,3 +470,30 @@ def test_folder_left_unsynced_by_a_killed_writer_is_synced_before_a_save_into_it
         tv.save({"w": torch.arange(4.0)}, run / "model.tv")
     fs.materialize("drop_unsynced")
     assert torch.equal(tv.load(run / "model.tv")["w"], torch.arange(4.0))  # type: ignore[index]
+
+
+# ----------------------------------------------------------------------------- the replaced file
+
+
+def test_the_sweeps_replace_a_file_large_enough_to_be_freed_in_the_background(
+    old_file: Path,
+) -> None:
+    # Replacing a file of at least _HOLD_BYTES keeps it open until a background thread
+    # frees it; the sweeps above must cover that path, not only the plain rename.
+    assert old_file.stat().st_size >= _freeing.HOLD_BYTES
+
+
+def test_a_crash_at_any_operation_leaks_no_descriptor_of_the_replaced_file(
+    monkeypatch: pytest.MonkeyPatch, old_file: Path
+) -> None:
+    assert _freeing.wait_for_frees(timeout=30)
+    before = sorted(os.listdir("/proc/self/fd"))
+    leaks = []
+    for case in crashfs.sweep(
+        monkeypatch, old_file.parent, save_new(old_file), modes=("keep_all",)
+    ):
+        assert _freeing.wait_for_frees(timeout=30)
+        now = sorted(os.listdir("/proc/self/fd"))
+        if now != before:
+            leaks.append(f"{case}: {sorted(set(now) - set(before))}")
+    assert not leaks, "\n".join(leaks)

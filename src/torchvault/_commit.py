@@ -10,7 +10,11 @@
 
 Temp files live beside their destination (never in /tmp), so a rename never turns into a copy
 across file systems, and they are created with the usual 0o666 & ~umask mode, not mkstemp's
-0o600. Fault-injection tests patch this module's ``os`` and ``_writer``: one seam for all I/O.
+0o600. Fault-injection tests patch this module's ``os`` and ``_writer``: one seam for every
+operation that changes the file system.
+
+Replacing or deleting a large file does not free it on the caller's thread: ``_freeing`` holds
+the old file open across the rename or unlink and closes it on a background thread.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import io
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import _freeing
 from .errors import CheckpointWriteError
 
 TEMP_MARK = ".tvtmp-"
@@ -131,6 +136,15 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             errno=errno.EISDIR,
         )
     remove_orphans(dest)
+    old = _freeing.hold(dest, drop_cache=True)
+    try:
+        yield from _publish(dest)
+    finally:
+        _freeing.free_later(old)
+
+
+def _publish(dest: Path) -> Generator[BinaryIO, None, None]:
+    """The body of :func:`atomic_file`: temp file, fsync, rename, folder fsync."""
     try:
         tmp, fd = _create_temp(dest)
     except OSError as exc:
@@ -254,16 +268,20 @@ def remove(path: str | os.PathLike[str]) -> None:
         CheckpointWriteError: the unlink or the folder fsync failed.
     """
     target = Path(path)
+    old = _freeing.hold(target, drop_cache=False)
     try:
-        os.unlink(target)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise write_error(target, exc, "delete", "The file is still there.") from exc
-    try:
-        fsync_dir(target.parent)
-    except OSError as exc:
-        raise write_error(target, exc, "delete", "It may reappear after a power loss.") from exc
+        try:
+            os.unlink(target)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise write_error(target, exc, "delete", "The file is still there.") from exc
+        try:
+            fsync_dir(target.parent)
+        except OSError as exc:
+            raise write_error(target, exc, "delete", "It may reappear after a power loss.") from exc
+    finally:
+        _freeing.free_later(old)
 
 
 def make_dirs(path: str | os.PathLike[str]) -> None:
