@@ -288,7 +288,7 @@ def test_an_old_run_whose_manifests_name_no_metric_keeps_its_best_pointer(tmp_pa
 def test_a_misspelt_step_name_is_refused(tmp_path: Path) -> None:
     with tv.CheckpointManager(tmp_path / "run", monitor="val_loss") as mgr:
         save_losses(mgr, model())
-        with pytest.raises(ValueError, match=r"step.*'bset'.*'latest', 'best'"):
+        with pytest.raises(ValueError, match=r"step.*'bset'.*'latest' or 'best'"):
             mgr.load("bset")
         with pytest.raises(TypeError, match="step"):
             mgr.restore(2.0, model=model())  # type: ignore[arg-type]

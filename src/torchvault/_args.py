@@ -137,9 +137,12 @@ def exporting(
 
 def step(value: object, name: str = "step", *, refs: bool = False) -> None:
     """A checkpoint step: an ``int`` >= 0, or with ``refs`` also ``"latest"``/``"best"``."""
-    if refs and value in ("latest", "best") and isinstance(value, str):
-        return
-    what = 'an int >= 0, "latest" or "best"' if refs else "an int >= 0"
+    what = "an int >= 0, 'latest' or 'best'" if refs else "an int >= 0"
+    if refs and isinstance(value, str):
+        if value in ("latest", "best"):
+            return
+        # a misspelt name must never quietly mean the latest
+        raise ValueError(f"{name} {value!r:.40} is not a checkpoint name: {name} must be {what}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r:.40}")
     if value < 0:

@@ -26,7 +26,6 @@ from ._file import _gc_paused, versions
 from ._format import Blob, flat_bytes
 from ._manager_args import (
     best_metric,
-    check_metadata,
     check_metrics,
     kind_of,
     next_step,
@@ -194,7 +193,7 @@ class CheckpointManager:
                 f"{sorted(numbers)}. Report it (metrics={{{self._metric[0]!r}: ...}}), or "
                 "fix the monitor's spelling."
             )
-        notes = check_metadata(metadata)
+        notes = _args.metadata(metadata) or {}
         kinds = {name: kind_of(item) for name, item in items.items()}
         plan, tree, blobs = _plan(items)
         manifest = {

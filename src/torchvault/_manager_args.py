@@ -93,17 +93,6 @@ def check_metrics(metrics: object) -> dict[str, float]:
     return numbers
 
 
-def check_metadata(metadata: object) -> dict[str, str]:
-    """``metadata`` checked: strings to strings."""
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise TypeError(f"metadata must be a dict of str to str, got {metadata!r:.200}")
-    return dict(metadata)
-
-
 def kind_of(item: object) -> str:
     """How a manifest lists an item: a generator, a stateful object or a plain value."""
     if isinstance(item, torch.Generator):

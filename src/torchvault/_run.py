@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
-from . import _rng, _tree, retention
+from . import _args, _rng, _tree, retention
 from ._file import _gc_paused, save
 from ._format import Entry
 from ._load_into import load_into
@@ -29,23 +29,11 @@ def check_ref(step: object) -> StepRef:
     """``step`` if it names a checkpoint the way every reader accepts.
 
     Raises:
-        TypeError: not a step number or a name.
-        ValueError: a negative number, or a name other than ``"latest"`` and ``"best"`` (a
+        TypeError, ValueError: not a step number >= 0, ``"latest"`` or ``"best"`` (a
             misspelt name must never quietly mean the latest).
     """
-    if isinstance(step, str):
-        if step not in ("latest", "best"):
-            raise ValueError(
-                f"step {step!r} is not a checkpoint name: use 'latest', 'best' or a step number"
-            )
-        return step  # type: ignore[return-value]
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise TypeError(
-            f"step must be a step number, 'latest' or 'best', got {type(step).__name__} {step!r}"
-        )
-    if step < 0:
-        raise ValueError(f"step must be 0 or more, got {step}")
-    return step
+    _args.step(step, refs=True)
+    return cast(StepRef, step)
 
 
 def resolve(store: RunStore, step: StepRef) -> int | None:
