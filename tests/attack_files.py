@@ -248,6 +248,15 @@ def recompute_checksums(
     return reseal(src, dst, members={CHECKSUMS: sums})
 
 
+def seal_document(document: Mapping[str, Any]) -> bytes:
+    """A run folder's sealed JSON (manifest, pointer, marker) from its members: ``{"integrity":
+    "<xxh3-128 of every byte after this member>", ...}``, compact, as the writer dumps it."""
+    rest = json.dumps(dict(document), separators=(",", ":"), ensure_ascii=True)[1:]
+    return (
+        b'{"integrity":"' + xxh3_hex(rest.encode("ascii")).encode("ascii") + b'",' + rest.encode()
+    )
+
+
 def flip_bit(blob: bytes, bit: int) -> bytes:
     """``blob`` with bit ``bit`` (0 = least significant bit of byte 0) inverted."""
     out = bytearray(blob)

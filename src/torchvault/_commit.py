@@ -100,7 +100,8 @@ def remove_orphans(path: Path) -> None:
     """
     for candidate in path.parent.glob(f".{glob.escape(path.name)}{TEMP_MARK}{_HOST}-*"):
         pid = candidate.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        # ASCII digits only (isdigit also takes '²' and '٣'), few enough for a pid_t
+        if pid.isascii() and pid.isdigit() and len(pid) <= 9 and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 candidate.unlink()
 
