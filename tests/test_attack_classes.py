@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -226,6 +226,25 @@ def test_a_container_in_any_table_field_is_corrupt(value: Any, field: str, tmp_p
     table[1] = {"s": 0, "dtype": "float32", "shape": [2, 4], **entry, field: value}
     path = af.reseal(source, tmp_path / "f.tv", members={af.TENSORS: table})
     assert_refused(path, ("load", "verify"))
+
+
+@SETTINGS
+@given(
+    text=st.sampled_from(["[{}]", "[[1]]", "not json", '{"a": ["w"]}', "{"])
+    | JSON_CONTAINERS.map(json.dumps)
+)
+def test_a_model_folder_shard_with_odd_alias_metadata_reads_as_its_tensors(
+    text: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    shards = {"model-00001-of-00002.safetensors": "a", "model-00002-of-00002.safetensors": "b"}
+    for name, key in shards.items():  # torchvault shards: their user metadata is just text
+        tv.save({key: torch.ones(2)}, folder / name, metadata={ALIASES: text})
+    index = {"weight_map": {key: name for name, key in shards.items()}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = tv.load(folder)
+    assert sorted(got) == ["a", "b"]  # type: ignore[call-overload]
 
 
 # ----------------------------------------------------------------------------- int64 bounds
@@ -467,6 +486,34 @@ def test_verifying_a_large_table_holds_no_tensor_per_entry(
     assert int(grown) < (16 << 20) + 3 * header, f"{int(grown) >> 20} MiB for {count}"
 
 
+@SETTINGS
+@given(
+    entries=st.lists(
+        st.one_of(st.just(0), st.integers(0, 63).map(lambda at: {"s": 0, "dtype": "uint8",
+                  "shape": [1], "stride": [1], "offset": at})),
+        min_size=1, max_size=3000,
+    ),
+    used=st.integers(1, 5),
+)  # fmt: skip
+def test_verify_builds_no_tensor_and_load_builds_only_those_the_tree_uses(
+    entries: list[Any], used: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvault._tensors import TensorTable
+
+    source = tmp_path / "base.tv"
+    if not source.exists():
+        tv.save({"x": torch.zeros(64, dtype=torch.uint8)}, source)
+    tree = {"list": [{"tensor": i} for i in range(min(used, len(entries)))]}
+    path = af.reseal(source, tmp_path / "t.tv", members={af.TENSORS: entries, af.TREE: tree})
+    built: list[int] = []
+    real = TensorTable._build
+    monkeypatch.setattr(TensorTable, "_build", lambda self, i: built.append(i) or real(self, i))
+    assert tv.verify(path).tensors == len(tree["list"])
+    assert built == []
+    tv.load(path)
+    assert sorted(built) == list(range(len(tree["list"])))
+
+
 @pytest.mark.parametrize("count", [300_001, 1_500_000])
 def test_a_table_past_the_cap_is_refused_before_any_tensor_is_built(
     count: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -531,6 +578,7 @@ def test_build_never_sets_attributes_on_a_state_dict(
 
 @FEW
 @given(name=ATTRIBUTE_NAMES, value=ATTRIBUTE_VALUES)
+@example(name="items", value=1)  # what salvage's walk calls
 def test_salvage_drops_attributes_set_on_a_container_and_keeps_the_weights(
     name: str, value: object, tmp_path: Path
 ) -> None:
@@ -654,6 +702,33 @@ def test_fuzz_resealed_run_manifest_only_raises_typed_errors(
         for name, call in calls.items():
             what = outcome(call)
             assert what is None or what == "refused", f"{name}: {what} after {changes}"
+    finally:
+        manifest_file.write_bytes(original)
+
+
+@SETTINGS
+@given(value=NOT_STATE_DICTS.filter(lambda obj: not isinstance(obj, dict)))
+def test_restoring_a_state_item_that_holds_no_mapping_is_corrupt(
+    value: object, run_folder: Path
+) -> None:
+    from torchvault import _tree
+
+    manifest_file = run_folder / "checkpoints" / "step-000000000001.json"
+    original = manifest_file.read_bytes()
+    manifest = json.loads(original)
+    manifest.pop("integrity")
+    manifest["tree"]["dict"]["items"]["dict"]["model"] = _tree.encode(value, lambda *_: 0)
+    manifest["tensors"].append({"s": 0, "dtype": "float32", "shape": [1]})
+    try:
+        manifest_file.write_bytes(af.seal_document(manifest))
+        with pytest.raises(CorruptCheckpointError, match="item 'model'"):
+            _run.restore(
+                RunStore(run_folder),
+                "latest",
+                strict=False,
+                map_location=None,
+                items={"model": nn.Linear(3, 2)},
+            )
     finally:
         manifest_file.write_bytes(original)
 

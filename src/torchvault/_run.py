@@ -114,6 +114,12 @@ def restore(
     for name, target in items.items():
         if name not in stateful:
             continue
+        if not isinstance(saved[name], Mapping):  # a state_dict() is always a mapping
+            raise CorruptCheckpointError(
+                f"{path}: item {name!r} is recorded as a state but holds a "
+                f"{type(saved[name]).__name__}; the run folder is damaged.",
+                path=path,
+            )
         if isinstance(target, torch.nn.Module):
             reports[name] = load_into(target, saved[name], strict=strict)
         else:
