@@ -18,13 +18,14 @@ import io
 import json
 import math
 import pickle
+import random
 import subprocess
 import sys
 import textwrap
 import types
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,16 @@ FEW = settings(SETTINGS, max_examples=25)
 STORED = "torchvault.stored"
 ALIASES = "torchvault_aliases"
 INT64_MAX = 2**63 - 1
+
+
+@pytest.fixture(autouse=True)
+def keep_random_states() -> Iterator[None]:
+    """Restoring run checkpoints sets the global generators: put them back for other tests."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    torch.set_rng_state(saved[2])
 
 
 def readers(path: Path) -> dict[str, Callable[[], object]]:
@@ -729,6 +740,43 @@ def test_restoring_a_state_item_that_holds_no_mapping_is_corrupt(
                 map_location=None,
                 items={"model": nn.Linear(3, 2)},
             )
+    finally:
+        manifest_file.write_bytes(original)
+
+
+NUMPY_STATES = st.fixed_dictionaries(
+    {"bit_generator": st.sampled_from(["MT19937", "PCG64"]) | MANIFEST_VALUES},
+    optional={
+        "state": st.fixed_dictionaries({}, optional={"key": st.lists(st.integers(0, 9)),
+                                                     "pos": st.integers(-2, 700)})
+        | MANIFEST_VALUES,
+        "has_gauss": st.integers(0, 1),
+        "gauss": st.floats(0, 1),
+    },
+)  # fmt: skip
+
+
+@SETTINGS
+@given(state=NUMPY_STATES)
+@example(state={"bit_generator": "MT19937", "state": {}})
+def test_restoring_a_malformed_numpy_random_state_is_corrupt(
+    state: dict[str, Any], run_folder: Path
+) -> None:
+    from torchvault import _tree
+
+    manifest_file = run_folder / "checkpoints" / "step-000000000001.json"
+    original = manifest_file.read_bytes()
+    manifest = json.loads(original)
+    manifest.pop("integrity")
+    manifest["tree"]["dict"]["rng"] = _tree.encode({"numpy": state}, lambda *_: 0)
+    try:
+        manifest_file.write_bytes(af.seal_document(manifest))
+        what = outcome(
+            lambda: _run.restore(
+                RunStore(run_folder), "latest", strict=False, map_location=None, items={}
+            )
+        )
+        assert what in (None, "refused"), what
     finally:
         manifest_file.write_bytes(original)
 
