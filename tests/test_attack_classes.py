@@ -497,6 +497,23 @@ def test_verifying_a_large_table_holds_no_tensor_per_entry(
     assert int(grown) < (16 << 20) + 3 * header, f"{int(grown) >> 20} MiB for {count}"
 
 
+def test_a_run_manifest_listing_more_objects_than_a_checkpoint_holds_is_corrupt(
+    run_folder: Path,
+) -> None:
+    manifest_file = run_folder / "checkpoints" / "step-000000000001.json"
+    original = manifest_file.read_bytes()
+    manifest = json.loads(original)
+    manifest.pop("integrity")
+    manifest["blobs"] = manifest["blobs"][:1] * 300_001  # one object, listed over and over
+    try:
+        manifest_file.write_bytes(af.seal_document(manifest))
+        with pytest.raises(CorruptCheckpointError, match="cap"):
+            _run.load_items(RunStore(run_folder), 1)
+        assert not tv.scan(run_folder).safe
+    finally:
+        manifest_file.write_bytes(original)
+
+
 @SETTINGS
 @given(
     entries=st.lists(

@@ -340,6 +340,8 @@ def blobs_of(manifest: dict[str, Any], path: str) -> list[StoredBlob]:
     raw = manifest.get("blobs")
     if not isinstance(raw, list):
         raise _corrupt(path, "its object list is missing")
+    if len(raw) > _format.MAX_TENSORS:  # each one is mapped: a few bytes of JSON, ~1 KB here
+        raise _corrupt(path, f"it lists {len(raw)} objects (cap {_format.MAX_TENSORS})")
     out = []
     for item in raw:
         if (
