@@ -287,8 +287,7 @@ def verify(path: PathLike) -> VerifyReport:
     def checked_ref(index: int) -> _Ref:
         ref = refs.get(index)
         if ref is None:  # one object per index, as load builds one tensor per index
-            table.check(index)
-            ref = _ArrayRef(index) if "np" in table.describe(index)[3] else _Ref(index)
+            ref = _ArrayRef(index) if "np" in table.check(index)[3] else _Ref(index)
             refs[index] = ref
         return ref
 

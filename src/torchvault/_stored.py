@@ -144,15 +144,15 @@ def check(stored: dict[int, dict[str, Any]], table: TensorTable, path: str) -> N
     for index, record in stored.items():
         if index >= len(table):
             raise _corrupt(path, f"has a record for tensor {index}, which the table lacks")
-        if "np" in table.describe(index)[3]:
+        dtype, shape, _, fields = table.check(index)
+        if "np" in fields:
             raise _corrupt(path, f"has a record for tensor {index}, which is a numpy array")
-        dtype, shape = table.check(index)
         if dtype != _AS[record["as"]]:
             raise _corrupt(path, f"records tensor {index} as {record['as']}, but it is {dtype}")
         if record["as"] != "int8":
             continue
         scale = record["scale"]
-        if not 0 <= scale < len(table) or "np" in table.describe(scale)[3]:
+        if not 0 <= scale < len(table) or "np" in table.check(scale)[3]:
             raise _corrupt(path, f"names scale tensor {scale}, which the table lacks")
         if not shape or table.check(scale)[1] != shape[:1]:
             raise _corrupt(path, "pairs an int8 tensor with scales of another shape")

@@ -295,10 +295,10 @@ class TensorTable:
         self._blob(index, blob_index)
         return dtype, tuple(shape), blob_index, entry  # type: ignore[return-value]
 
-    def check(self, index: int) -> tuple[torch.dtype, tuple[int, ...]]:
-        """Validate entry ``index`` completely (every check :meth:`get` makes) without
-        building a tensor, so checking a whole table costs no memory per entry; return its
-        dtype and shape."""
+    def check(self, index: int) -> tuple[torch.dtype, tuple[int, ...], int, dict[str, Any]]:
+        """:meth:`describe`, with every other check :meth:`get` makes (view bounds, numpy
+        form, gradients, device syntax) and no tensor built: checking a whole table costs
+        no memory per entry."""
         dtype, shape, blob_index, entry = self.describe(index)
         nbytes = self._blobs[blob_index].nbytes
         if "stride" in entry or "offset" in entry:
@@ -309,9 +309,8 @@ class TensorTable:
                 f"has shape {list(shape)} of {dtype}, which does not "
                 f"fill its {nbytes} stored bytes",
             )
-        if not isinstance(entry.get("device", "cpu"), str) or not _DEVICE_RE.fullmatch(
-            entry.get("device", "cpu")
-        ):
+        device = entry.get("device", "cpu")
+        if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
             raise self._corrupt(index, "has a malformed device")
         if "np" in entry:
             name = entry["np"]
@@ -324,7 +323,7 @@ class TensorTable:
                 raise self._corrupt(index, f"stores {dtype} bytes for a {name} array")
         elif entry.get("grad", False) is True and not (dtype.is_floating_point or dtype.is_complex):
             raise self._corrupt(index, f"asks for gradients on a {dtype} tensor")
-        return dtype, shape
+        return dtype, shape, blob_index, entry
 
     def _blob(self, index: int, blob: object) -> Entry:
         if type(blob) is not int or not 0 <= blob < len(self._blobs):
@@ -332,8 +331,7 @@ class TensorTable:
         return self._blobs[blob]
 
     def _build(self, index: int) -> object:
-        dtype, shape = self.check(index)
-        _, _, blob_index, entry = self.describe(index)
+        dtype, shape, blob_index, entry = self.check(index)
         device = _CPU if "np" in entry else self._target(entry.get("device", "cpu"), index)
         base = self._base(blob_index, device)
         if "stride" in entry or "offset" in entry:
