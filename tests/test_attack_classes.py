@@ -38,6 +38,7 @@ from torch import nn
 
 import attack_files as af
 import torchvault as tv
+from test_bad_input import resealed_members
 from torchvault import _run
 from torchvault._store import RunStore
 from torchvault.errors import CorruptCheckpointError, TorchVaultError
@@ -441,6 +442,19 @@ def test_verify_refuses_every_file_load_refuses(edits: dict[str, Any], stored_fi
     if "refused" in load:
         assert verify == "refused", f"verify vouched for a file load refuses: {edits}"
         assert not tv.scan(path).safe
+
+
+@FEW
+@given(values=resealed_members())
+def test_verify_refuses_every_file_load_refuses_random_tree_and_table(
+    values: dict[str, Any], stored_file: Path
+) -> None:
+    path = af.reseal(stored_file, stored_file.with_name("random.tv"), members=values)
+    load = [outcome(lambda r=r: tv.load(path, restore_dtype=r)) for r in (False, True)]
+    verify = outcome(lambda: tv.verify(path))
+    assert all(what in (None, "refused") for what in [*load, verify]), (load, verify)
+    if "refused" in load:
+        assert verify == "refused", f"verify vouched for a file load refuses: {values}"
 
 
 # ----------------------------------------------------------------------------- amplification
