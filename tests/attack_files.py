@@ -82,6 +82,20 @@ class Layout:
         }
 
 
+PEAK_RSS = """
+def peak_rss():
+    # The peak resident memory of this process in bytes. VmHWM starts afresh at exec;
+    # ru_maxrss does not on Linux (a child forked from a large pytest process starts at the
+    # parent's peak, which hides any growth below it).
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+"""
+"""Source of ``peak_rss()`` for the child processes that measure a reader's memory."""
+
+
 def xxh3_hex(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
