@@ -82,6 +82,20 @@ class Layout:
         }
 
 
+PEAK_RSS = """
+def peak_rss():
+    # The peak resident memory of this process in bytes. VmHWM starts afresh at exec;
+    # ru_maxrss does not on Linux (a child forked from a large pytest process starts at the
+    # parent's peak, which hides any growth below it).
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+"""
+"""Source of ``peak_rss()`` for the child processes that measure a reader's memory."""
+
+
 def xxh3_hex(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
@@ -246,6 +260,15 @@ def recompute_checksums(
         if name != META
     )
     return reseal(src, dst, members={CHECKSUMS: sums})
+
+
+def seal_document(document: Mapping[str, Any]) -> bytes:
+    """A run folder's sealed JSON (manifest, pointer, marker) from its members: ``{"integrity":
+    "<xxh3-128 of every byte after this member>", ...}``, compact, as the writer dumps it."""
+    rest = json.dumps(dict(document), separators=(",", ":"), ensure_ascii=True)[1:]
+    return (
+        b'{"integrity":"' + xxh3_hex(rest.encode("ascii")).encode("ascii") + b'",' + rest.encode()
+    )
 
 
 def flip_bit(blob: bytes, bit: int) -> bytes:

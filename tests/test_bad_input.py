@@ -411,11 +411,11 @@ def test_zero_sized_shape_with_huge_dims_loads_an_empty_tensor_or_is_rejected(
 
 # ----------------------------------------------------------------------------- S5 many entries
 
-_MANY_ENTRIES_CHILD = textwrap.dedent(
+_MANY_ENTRIES_CHILD = af.PEAK_RSS + textwrap.dedent(
     """
-    import resource, sys, time
+    import sys, time
     import torchvault as tv
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss()
     start = time.perf_counter()
     try:
         tv.load(sys.argv[1])
@@ -423,7 +423,7 @@ _MANY_ENTRIES_CHILD = textwrap.dedent(
     except tv.TorchVaultError:
         outcome = "rejected"
     seconds = time.perf_counter() - start
-    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    grown = peak_rss() - base
     print(outcome, seconds, grown)
     """
 )
@@ -440,7 +440,7 @@ def test_many_tiny_entries_are_handled_in_bounded_time_and_memory(
         for i in range(count)
     )
     af.write_raw(path, b"{" + b",".join(parts) + b"}", bytes(count))
-    # A fresh interpreter, so the peak RSS is this load's alone (ru_maxrss never goes down).
+    # A fresh interpreter, so the peak RSS is this load's alone (VmHWM never goes down).
     try:
         done = subprocess.run(
             [sys.executable, "-c", _MANY_ENTRIES_CHILD, str(path)],

@@ -105,9 +105,14 @@ def remove_orphans(path: Path) -> None:
     """
     for candidate in path.parent.glob(f".{glob.escape(path.name)}{TEMP_MARK}{_HOST}-*"):
         pid = candidate.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        # ASCII digits only (isdigit also takes '²' and '٣'), small enough for a pid_t
+        if _pid(pid) and not _alive(int(pid)):
             with contextlib.suppress(OSError):
                 candidate.unlink()
+
+
+def _pid(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < 2**31
 
 
 def _alive(pid: int) -> bool:

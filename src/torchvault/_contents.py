@@ -185,7 +185,10 @@ def _aliases(raw: str | None, index: dict[str, int], path: str) -> dict[str, str
         return {}
     aliases = _format.strict_json(raw.encode("utf-8"), path, ALIASES)
     if not isinstance(aliases, dict) or not all(
-        isinstance(alias, str) and alias not in index and stored in index
+        isinstance(alias, str)
+        and alias not in index
+        and isinstance(stored, str)
+        and stored in index
         for alias, stored in aliases.items()
     ):
         raise _corrupt(path, f"`{ALIASES}` is not a map from new names to stored tensors")

@@ -258,6 +258,7 @@ def _load(
             contents.verify_data(mapping)
         table = contents.table(mapping, placement)
         stored = _stored.records(contents.header.metadata, contents.path)
+        _stored.check(stored, table, contents.path)
         return contents.decode(
             _stored.source(table.get, stored, restore_dtype=restore_dtype, path=contents.path)
         )
@@ -346,6 +347,13 @@ class _Ref:
         self.index = index
 
 
+class _ArrayRef(_Ref):
+    """A numpy leaf for ``verify``: unhashable like the array, so a tree that uses one as a
+    dict key fails verify as it fails load."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def verify(path: Source) -> VerifyReport:
     """Check a file completely: header, tree, tensor table and every tensor's checksum.
 
@@ -378,9 +386,18 @@ def _verify(path: PathLike) -> VerifyReport:
         checked = sum(e.nbytes for e in contents.header.entries)
     table = contents.table(mapping)
     for index in range(len(table)):
-        table.get(index)  # builds every view: checks its dtype, shape, stride and bounds
-    tree = contents.decode(table.get)
-    tensors = sum(
-        1 for _, leaf in _tree.flatten(tree) if isinstance(leaf, torch.Tensor | np.ndarray)
-    )
+        table.check(index)  # every check load makes, building no tensor (no memory per entry)
+    _stored.check(_stored.records(contents.header.metadata, contents.path), table, contents.path)
+
+    refs: dict[int, _Ref] = {}
+
+    def checked_ref(index: int) -> _Ref:
+        ref = refs.get(index)
+        if ref is None:  # one object per index, as load builds one tensor per index
+            ref = _ArrayRef(index) if "np" in table.check(index)[3] else _Ref(index)
+            refs[index] = ref
+        return ref
+
+    tree = contents.decode(checked_ref)
+    tensors = sum(1 for _, leaf in _tree.flatten(tree) if isinstance(leaf, _Ref))
     return VerifyReport(contents.path, tensors, checked, bool(contents.checksums))

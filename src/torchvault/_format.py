@@ -42,6 +42,7 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_CONTAINERS = 2_000_000  # JSON objects + arrays in one JSON document
 MAX_TENSORS = 300_000
 MAX_DIMS = 64
+INT64_MAX = 2**63 - 1  # torch keeps sizes, strides, element and byte counts in int64
 DATA_ALIGNMENT = 64
 CHUNK = 16 << 20
 _PIPELINE_BYTES = 32 << 20  # from here on hashing runs on worker threads
@@ -250,7 +251,7 @@ def _check_integrity(prefix: bytes, raw: bytes, metadata: dict[str, str], path: 
             "damaged (bit rot, a bad copy or tampering)",
         )
     version = metadata.get("torchvault.format", "")
-    if not version.isdigit() or len(version) > 6:
+    if not decimal(version, 6):
         raise _corrupt(path, f"the format version {version!r} is not a number")
     if int(version) > FORMAT_VERSION:
         raise UnsupportedFormatError(
@@ -277,6 +278,8 @@ def _entry(name: str, spec: Any, data_start: int, path: str) -> Entry:
         raise _corrupt(path, f"its shape is not a list of at most {MAX_DIMS} sizes", key=name)
     if not int_list(offsets, 2) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise _corrupt(path, "its data_offsets are not an ordered [begin, end] pair", key=name)
+    if not fits_int64(shape, itemsize):
+        raise _corrupt(path, f"its shape {shape} is too large for torch (int64)", key=name)
     if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
         raise _corrupt(
             path,
@@ -291,6 +294,33 @@ def int_list(value: Any, cap: int) -> bool:
     return (
         type(value) is list and len(value) <= cap and all(type(v) is int and v >= 0 for v in value)
     )
+
+
+def fits_int64(
+    shape: Sequence[int], itemsize: int = 1, strides: Sequence[int] = (), offset: int = 0
+) -> bool:
+    """Whether torch can hold a tensor of this shape (non-negative ints) in int64 arithmetic.
+
+    Zero dims count as one: torch derives contiguous strides and byte counts from the other
+    dims even when a tensor is empty, so ``[0, 10**20]`` (0 bytes) still overflows there.
+    With ``strides``, the farthest element a view reaches must fit too.
+    """
+    span = itemsize
+    for dim in shape:
+        span *= max(dim, 1)
+        if span > INT64_MAX:  # stop early: a file may list many huge dims
+            return False
+    if any(step > INT64_MAX for step in strides) or offset > INT64_MAX:
+        return False
+    reach = offset + sum(max(dim - 1, 0) * step for dim, step in zip(shape, strides, strict=False))
+    return (reach + 1) * itemsize <= INT64_MAX
+
+
+def decimal(text: str, width: int) -> bool:
+    """Whether ``text`` is 1 to ``width`` ASCII digits. ``str.isdigit`` alone also accepts
+    other scripts' digits and superscripts (``'²'``, ``'٣'``), which ``int`` then refuses or
+    reads as another number."""
+    return 0 < len(text) <= width and text.isascii() and text.isdigit()
 
 
 def _check_layout(entries: tuple[Entry, ...], data_start: int, size: int, path: str) -> None:

@@ -21,7 +21,7 @@ from . import _args, _placement, _source
 from ._file import load
 from ._report import DtypeCast, LoadReport, RenamedKey, ShapeMismatch
 from ._tensors import MapLocation
-from .errors import StateDictMismatchError
+from .errors import StateDictMismatchError, UnsupportedTypeError
 
 Rule = tuple["str | re.Pattern[str]", str]
 Rename = Mapping["str | re.Pattern[str]", str] | Sequence[Rule] | Callable[[str], str]
@@ -138,7 +138,20 @@ def _as_state_dict(obj: object, where: str) -> Mapping[str, torch.Tensor]:
         if keys
         else ""
     )
-    raise TypeError(f"{where} does not hold a state dict (a flat dict of tensors).{hint}")
+    # the file is fine but holds something else: a torchvault error naming the file, and a
+    # TypeError, as before, for callers that catch that
+    raise UnsupportedTypeError(
+        f"{where} holds {_kind(obj)}, not a state dict (a flat dict of tensors), so "
+        f"load_into cannot use it.{hint}",
+        path=where,
+    )
+
+
+def _kind(obj: object) -> str:
+    name = type(obj).__name__
+    if isinstance(obj, Mapping | list | tuple | set | frozenset):
+        return f"a {name} of {len(obj)} items"
+    return f"a {name}"
 
 
 def _check_state_dict(source: Mapping[Any, object]) -> None:

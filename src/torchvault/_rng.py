@@ -48,7 +48,7 @@ def restore(state: object, path: str) -> tuple[str, ...]:
             for device in range(min(len(saved), torch.cuda.device_count())):
                 torch.cuda.set_rng_state(_byte_tensor(saved[device]), device)
             restored.append("cuda")
-    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError, OverflowError) as exc:
         raise _corrupt(path, f"a saved random state was refused ({exc})") from exc
     return tuple(restored)
 

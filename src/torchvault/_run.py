@@ -326,7 +326,14 @@ def is_stateful(item: object) -> bool:
 def _check_target(name: str, kind: object, target: object, saved: object, path: str) -> None:
     if kind == GENERATOR:
         _rng.check_generator(target, saved, name, path)
-    elif kind == STATE and not is_stateful(target):
+        return
+    if not isinstance(saved, Mapping):  # a state_dict() is always a mapping
+        raise CorruptCheckpointError(
+            f"{path}: item {name!r} is recorded as a state but holds a "
+            f"{type(saved).__name__}; the run folder is damaged.",
+            path=path,
+        )
+    if kind == STATE and not is_stateful(target):
         raise TypeError(
             f"restore({name}=...) needs an object with load_state_dict ({name!r} was saved "
             f"from one), got {type(target).__name__}"

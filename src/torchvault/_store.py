@@ -36,7 +36,7 @@ from .storage import LocalStorage, Storage
 
 RUN_FILE = "torchvault-run.json"
 RUN_FORMAT = 1
-_STEP_FILE = re.compile(r"step-(\d{12})\.json")
+_STEP_FILE = re.compile(r"step-([0-9]{12})\.json")  # not \d: it matches any script's digits
 _OBJECT = re.compile(r"[0-9a-f]{32}")
 _SEAL = b'{"integrity":"'
 _MAX_JSON = 512 << 20
@@ -207,11 +207,12 @@ class RunStore:
     def manifest(self, step: int) -> dict[str, Any]:
         """The checked manifest of ``step``."""
         document = self._document(_manifest(step))
-        if document.get("step") != step:
+        where = self.storage.describe(_manifest(step))
+        if type(document.get("step")) is not int or document["step"] != step:
             raise _corrupt(
-                self.storage.describe(_manifest(step)),
-                f"it is named for step {step} but says {document.get('step')!r}",
+                where, f"it is named for step {step} but says {document.get('step')!r:.40}"
             )
+        _check_manifest(document, where)
         return document
 
     def ref(self, name: str) -> int | None:
@@ -309,11 +310,38 @@ def _manifest(step: int) -> str:
     return f"checkpoints/step-{step:012d}.json"
 
 
+def _check_manifest(document: dict[str, Any], where: str) -> None:
+    """The type of every field a reader uses (a field may be absent: readers default it), so
+    a sealed but hand-edited manifest is refused here, not deep inside a reader."""
+    strings = (str, type(None))
+    fields: dict[str, Any] = {
+        "items": lambda v: _str_map(v, str),
+        "metadata": lambda v: _str_map(v, object),
+        "versions": lambda v: _str_map(v, str),
+        "bytes": lambda v: _str_map(v, int) and all(n >= 0 for n in v.values()),
+        "created": lambda v: isinstance(v, strings),
+        "blobs": lambda v: isinstance(v, list),
+        "tensors": lambda v: isinstance(v, list),
+    }
+    for name, valid in fields.items():
+        if name in document and not valid(document[name]):
+            raise _corrupt(where, f"its {name!r} field is malformed")
+
+
+def _str_map(value: object, kind: type) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, kind) and (kind is not int or type(v) is int)
+        for k, v in value.items()
+    )
+
+
 def blobs_of(manifest: dict[str, Any], path: str) -> list[StoredBlob]:
     """The objects a manifest lists, each field checked."""
     raw = manifest.get("blobs")
     if not isinstance(raw, list):
         raise _corrupt(path, "its object list is missing")
+    if len(raw) > _format.MAX_TENSORS:  # each one is mapped: a few bytes of JSON, ~1 KB here
+        raise _corrupt(path, f"it lists {len(raw)} objects (cap {_format.MAX_TENSORS})")
     out = []
     for item in raw:
         if (
@@ -321,8 +349,10 @@ def blobs_of(manifest: dict[str, Any], path: str) -> list[StoredBlob]:
             or len(item) != 4
             or not isinstance(item[0], str)
             or not _OBJECT.fullmatch(item[0])
+            or not isinstance(item[1], str)
             or item[1] not in _dtypes.SAFETENSORS_ITEMSIZE
             or not _format.int_list(item[2], _format.MAX_DIMS)
+            or not _format.fits_int64(item[2], _dtypes.SAFETENSORS_ITEMSIZE[item[1]])
             or type(item[3]) is not int
         ):
             raise _corrupt(path, f"its object entry {str(item)[:80]} is malformed")

@@ -12,6 +12,7 @@ cast back only when asked (``restore_dtype=True``).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,13 +21,14 @@ import torch
 
 from . import _dtypes, _format
 from ._report import StoredTensor
-from ._tensors import TensorPlan
+from ._tensors import TensorPlan, TensorTable
 from .errors import CorruptCheckpointError
 
 STORED = "torchvault.stored"
 HALF = (torch.bfloat16, torch.float16)
 INT8_MIN_NUMEL = 256  # smaller matrices (biases, norms) stay as they are
 _WIDE = (torch.float32, torch.float64)
+_AS = {"int8": torch.int8, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Storing:
@@ -116,18 +118,44 @@ def records(metadata: dict[str, str], path: str) -> dict[int, dict[str, Any]]:
         raise _corrupt(path, "is not an object")
     out: dict[int, dict[str, Any]] = {}
     for key, record in parsed.items():
-        if not (key.isdigit() and isinstance(record, dict) and _valid(record)):
-            raise _corrupt(path, f"has a malformed record for tensor {key!r}")
+        if not (_format.decimal(key, 9) and isinstance(record, dict) and _valid(record)):
+            raise _corrupt(path, f"has a malformed record for tensor {key[:40]!r}")
         out[int(key)] = record
     return out
 
 
 def _valid(record: dict[str, Any]) -> bool:
-    stored_ok = record.get("as") in ("int8", "bfloat16", "float16")
-    dtype_ok = _dtypes.STORABLE.get(record.get("dtype", "")) in _WIDE + HALF
-    scale_ok = record.get("as") != "int8" or type(record.get("scale")) is int
+    kind, dtype = record.get("as"), record.get("dtype")
+    stored_ok = isinstance(kind, str) and kind in _AS
+    dtype_ok = isinstance(dtype, str) and _dtypes.STORABLE.get(dtype) in _WIDE + HALF
+    scale_ok = kind != "int8" or type(record.get("scale")) is int
     flags_ok = type(record.get("param")) is bool and type(record.get("grad")) is bool
     return stored_ok and dtype_ok and scale_ok and flags_ok
+
+
+def check(stored: dict[int, dict[str, Any]], table: TensorTable, path: str) -> None:
+    """Check every record against the tensor table, without reading data: the tensor it
+    names exists and is stored as the record says, and an int8 tensor's scale has one value
+    per row. Load and verify both run this, so verify refuses whatever load would.
+
+    Raises:
+        CorruptCheckpointError: naming the file and the record.
+    """
+    for index, record in stored.items():
+        if index >= len(table):
+            raise _corrupt(path, f"has a record for tensor {index}, which the table lacks")
+        dtype, shape, _, fields = table.check(index)
+        if "np" in fields:
+            raise _corrupt(path, f"has a record for tensor {index}, which is a numpy array")
+        if dtype != _AS[record["as"]]:
+            raise _corrupt(path, f"records tensor {index} as {record['as']}, but it is {dtype}")
+        if record["as"] != "int8":
+            continue
+        scale = record["scale"]
+        if not 0 <= scale < len(table) or "np" in table.check(scale)[3]:
+            raise _corrupt(path, f"names scale tensor {scale}, which the table lacks")
+        if not shape or table.check(scale)[1] != shape[:1]:
+            raise _corrupt(path, "pairs an int8 tensor with scales of another shape")
 
 
 def _corrupt(path: str, what: str) -> CorruptCheckpointError:
@@ -175,9 +203,9 @@ def _restore(
             and scale.shape == (tensor.shape[0],)
         ):
             raise _corrupt(path, "pairs an int8 tensor with scales of another shape")
-        rows = (
-            tensor.reshape(tensor.shape[0], -1).to(torch.float32) * scale.to(torch.float32)[:, None]
-        )
+        # the row length spelled out: reshape(rows, -1) cannot infer it when rows is 0
+        flat = tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
+        rows = flat.to(torch.float32) * scale.to(torch.float32)[:, None]
         value = rows.reshape(tensor.shape).to(dtype)
     else:
         value = tensor.detach().to(dtype)

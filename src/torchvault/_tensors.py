@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _dtypes, _placement
-from ._format import META, Blob, Entry
+from ._format import MAX_TENSORS, META, Blob, Entry, fits_int64
 from ._placement import MapLocation, Placement
 from .errors import CorruptCheckpointError, UnsupportedTypeError
 
@@ -46,6 +46,16 @@ _NUMPY_ANY_ORDER = {
     for dtype in _dtypes.NUMPY_DTYPES.values()
     for order in ("<", ">")
 }
+# The torch dtype whose bytes each numpy dtype is stored as: an entry naming a numpy dtype
+# must store exactly that one (torch has no numpy form of bfloat16, float8 or complex32).
+_TORCH_OF_NUMPY = {
+    name: torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    for name, dtype in _dtypes.NUMPY_DTYPES.items()
+}
+MAX_TABLE_ENTRIES = MAX_TENSORS
+"""Tensors one file or checkpoint holds. Each entry can become a tensor object of about 1 KB
+however few header bytes it takes (an int entry is 2), so the count is capped, as the
+header's blobs are; writers refuse more too."""
 
 
 @dataclass
@@ -86,6 +96,11 @@ class TensorPlan:
         """Decide what is stored: fill in each entry's blob and return the blobs to write,
         ordered by alignment so every tensor in the file starts on a multiple of its
         element size."""
+        if len(self.entries) > MAX_TABLE_ENTRIES:
+            raise UnsupportedTypeError(
+                f"the object holds {len(self.entries)} tensors; a torchvault file holds at "
+                f"most {MAX_TABLE_ENTRIES}. Split it over several files."
+            )
         names: set[str] = set()
         stored = [self._store_group(group, names) for group in _group_by_storage(self._members)]
         stored.sort(key=lambda item: -item[0])
@@ -231,6 +246,12 @@ class TensorTable:
         path: str,
         map_location: MapLocation | Placement = "cpu",
     ) -> None:
+        if len(entries) > MAX_TABLE_ENTRIES:
+            raise CorruptCheckpointError(
+                f"{path}: the tensor table lists {len(entries)} tensors (cap "
+                f"{MAX_TABLE_ENTRIES}); the file is damaged or crafted to exhaust memory.",
+                path=path,
+            )
         self._entries = entries
         self._blobs = blobs
         self._mapping = mapping
@@ -267,9 +288,41 @@ class TensorTable:
         shape = entry.get("shape")
         if dtype is None or not _dims(shape):
             raise self._corrupt(index, "has an unknown dtype or a malformed shape")
+        if not fits_int64(shape, dtype.itemsize):
+            raise self._corrupt(index, f"has shape {shape}, too large for torch (int64)")
         blob_index = entry.get("s")
         self._blob(index, blob_index)
         return dtype, tuple(shape), blob_index, entry  # type: ignore[return-value]
+
+    def check(self, index: int) -> tuple[torch.dtype, tuple[int, ...], int, dict[str, Any]]:
+        """:meth:`describe`, with every other check :meth:`get` makes (view bounds, numpy
+        form, gradients, device syntax) and no tensor built: checking a whole table costs
+        no memory per entry."""
+        dtype, shape, blob_index, entry = self.describe(index)
+        nbytes = self._blobs[blob_index].nbytes
+        if "stride" in entry or "offset" in entry:
+            self._view_fits(index, entry, nbytes, dtype, shape)
+        elif math.prod(shape) * dtype.itemsize != nbytes:
+            raise self._corrupt(
+                index,
+                f"has shape {list(shape)} of {dtype}, which does not "
+                f"fill its {nbytes} stored bytes",
+            )
+        device = entry.get("device", "cpu")
+        if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
+            raise self._corrupt(index, "has a malformed device")
+        if "np" in entry:
+            name = entry["np"]
+            wanted = _NUMPY_ANY_ORDER.get(name) if isinstance(name, str) else None
+            if wanted is None:
+                raise self._corrupt(
+                    index, f"has numpy dtype {name!r}, which torchvault never writes"
+                )
+            if _TORCH_OF_NUMPY[wanted.newbyteorder("<").str] != dtype:
+                raise self._corrupt(index, f"stores {dtype} bytes for a {name} array")
+        elif entry.get("grad", False) is True and not (dtype.is_floating_point or dtype.is_complex):
+            raise self._corrupt(index, f"asks for gradients on a {dtype} tensor")
+        return dtype, shape, blob_index, entry
 
     def _blob(self, index: int, blob: object) -> Entry:
         if type(blob) is not int or not 0 <= blob < len(self._blobs):
@@ -277,18 +330,12 @@ class TensorTable:
         return self._blobs[blob]
 
     def _build(self, index: int) -> object:
-        dtype, shape, blob_index, entry = self.describe(index)
-        blob = self._blobs[blob_index]
-        saved = None if "np" in entry else self._saved(entry.get("device", "cpu"), index)
-        base = self._base(blob_index, saved)
+        dtype, shape, blob_index, entry = self.check(index)  # the device's syntax too
+        base = self._base(blob_index, None if "np" in entry else entry.get("device", "cpu"))
         if "stride" in entry or "offset" in entry:
-            tensor = self._view(index, entry, base, dtype, shape)
-        elif math.prod(shape) * dtype.itemsize != blob.nbytes:
-            raise self._corrupt(
-                index,
-                f"has shape {list(shape)} of {dtype}, which does not "
-                f"fill its {blob.nbytes} stored bytes",
-            )
+            view = torch.empty(0, dtype=dtype, device=base.device)
+            offset = entry.get("offset", 0) // dtype.itemsize
+            tensor = view.set_(base.untyped_storage(), offset, shape, entry["stride"])
         else:
             tensor = base.view(dtype).reshape(shape)
         return self._finish(index, entry, tensor) if entry else tensor
@@ -305,14 +352,14 @@ class TensorTable:
             self._bases[key] = base
         return base
 
-    def _view(
+    def _view_fits(
         self,
         index: int,
         entry: dict[str, Any],
-        base: torch.Tensor,
+        nbytes: int,
         dtype: torch.dtype,
         shape: tuple[int, ...],
-    ) -> torch.Tensor:
+    ) -> None:
         stride, offset, size = entry.get("stride"), entry.get("offset"), dtype.itemsize
         if not _dims(stride) or len(stride) != len(shape) or type(offset) is not int:
             raise self._corrupt(index, "has a malformed stride or offset")
@@ -320,12 +367,12 @@ class TensorTable:
         extent = (
             0 if numel == 0 else sum((n - 1) * s for n, s in zip(shape, stride, strict=True)) + 1
         )
-        if offset < 0 or offset % size or offset + extent * size > base.numel():
+        if offset < 0 or offset % size or offset + extent * size > nbytes:
             raise self._corrupt(
-                index, f"is a view at byte {offset} reaching past its {base.numel()}-byte blob"
+                index, f"is a view at byte {offset} reaching past its {nbytes}-byte blob"
             )
-        view = torch.empty(0, dtype=dtype, device=base.device)
-        return view.set_(base.untyped_storage(), offset // size, shape, stride)
+        if not fits_int64(shape, size, stride, offset // size):
+            raise self._corrupt(index, "has strides too large for torch (int64)")
 
     def _finish(self, index: int, entry: dict[str, Any], tensor: torch.Tensor) -> object:
         np_dtype = entry.get("np")
@@ -339,21 +386,10 @@ class TensorTable:
         except RuntimeError as exc:
             raise self._corrupt(index, f"asks for gradients on a {tensor.dtype} tensor") from exc
 
-    def _numpy(self, index: int, name: object, tensor: torch.Tensor) -> object:
-        wanted = _NUMPY_ANY_ORDER.get(name) if isinstance(name, str) else None
-        if wanted is None or tensor.device.type != "cpu":
-            raise self._corrupt(index, f"has numpy dtype {name!r}, which torchvault never writes")
+    def _numpy(self, index: int, name: str, tensor: torch.Tensor) -> object:
+        wanted = _NUMPY_ANY_ORDER[name]  # check() made sure torch has this numpy form
         array = tensor.numpy()
-        if array.dtype.newbyteorder("<") != wanted.newbyteorder("<"):
-            raise self._corrupt(index, f"stores {tensor.dtype} bytes for a {name} array")
         return array if array.dtype == wanted else array.astype(wanted)
-
-    def _saved(self, saved: object, index: int) -> str:
-        """The saved-from device of entry ``index``; a malformed one is the file's fault,
-        where it goes is ``map_location``'s (see :mod:`torchvault._placement`)."""
-        if not isinstance(saved, str) or not _DEVICE_RE.fullmatch(saved):
-            raise self._corrupt(index, "has a malformed device")
-        return saved
 
     def _corrupt(self, index: int, what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(

@@ -111,7 +111,8 @@ class UnsafeCheckpointError(TorchVaultError, ValueError):
 
 
 class UnsupportedTypeError(TorchVaultError, TypeError):
-    """A value in the saved object has a type the pickle-free format cannot represent."""
+    """A value in the saved object has a type the pickle-free format cannot represent, or a
+    file holds another kind of object than the call needs (``load_into`` of a list)."""
 
 
 class StateDictMismatchError(TorchVaultError, RuntimeError):

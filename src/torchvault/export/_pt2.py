@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from .._format import fits_int64
 from .._report import GlobalRef, ScanReport
 from ..errors import (
     CorruptCheckpointError,
@@ -35,9 +36,10 @@ _WEIGHTS = "data/weights/model_weights_config.json"
 _CONSTANTS = "data/constants/model_constants_config.json"
 _SAMPLE_INPUTS = "data/sample_inputs/model.pt"
 _WRITER_RECORDS = ("archive_format", "archive_version", "byteorder", ".data/version")
-_RECORD = re.compile(r"data/weights/weight_\d+|data/constants/tensor_\d+")
+# [0-9], not \d: \d matches every script's digits, and these names reach torch
+_RECORD = re.compile(r"data/weights/weight_[0-9]+|data/constants/tensor_[0-9]+")
 _NATIVE = ("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")
-_PICKLED_CONSTANT = re.compile(r"data/constants/(custom_obj|opaque_obj)_\d+")
+_PICKLED_CONSTANT = re.compile(r"data/constants/(custom_obj|opaque_obj)_[0-9]+")
 
 
 def first_line(exc: BaseException) -> str:
@@ -245,7 +247,7 @@ def _payloads(
             )
         record = meta.get("path_name")
         rel = f"{folder}{record}"
-        if not (isinstance(record, str) and re.fullmatch(prefix + r"\d+", record)):
+        if not (isinstance(record, str) and re.fullmatch(prefix + r"[0-9]+", record)):
             raise CorruptCheckpointError(f"{name}: {fqn!r} names record {record!r}", path=name)
         if rel not in members:
             raise CorruptCheckpointError(
@@ -275,6 +277,13 @@ def _check_extent(meta: object, entry: Entry, name: str, fqn: str) -> None:
         raise CorruptCheckpointError(
             f"{name}: {fqn!r}: its tensor_meta is malformed", path=name, key=fqn
         ) from exc
+    if not fits_int64(sizes, 1, strides, offset):
+        raise CorruptCheckpointError(
+            f"{name}: {fqn!r} declares sizes {sizes}, strides {strides} and offset {offset}, "
+            "too large for torch (int64)",
+            path=name,
+            key=fqn,
+        )
     if 0 in sizes:
         return
     last = offset + sum((size - 1) * stride for size, stride in zip(sizes, strides, strict=True))
@@ -367,7 +376,7 @@ _REFUSED_ATEN = frozenset({"save", "from_file", "_print", "record_stream"})
 """aten operators that read or write files or streams, which no model needs."""
 
 _EXPRESSION = re.compile(
-    r"\s+|(?P<number>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)"
+    r"\s+|(?P<number>[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"
     r"|(?P<string>'(?:[A-Za-z_][A-Za-z0-9_]*|[+\-]?[0-9.]+(?:[eE][+\-]?[0-9]+)?)')"
     r"|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<operator>\*\*|//|<=|>=|==|!=|[-+*/%(),=<>])"
 )
@@ -488,7 +497,7 @@ class _Checker:
             if not (isinstance(node, dict) and isinstance(node.get("children_spec"), list)):
                 self.refuse(key, text, "is not a pytree spec")
             kind = node.get("type")
-            if kind not in _SPEC_TYPES:
+            if not isinstance(kind, str | None) or kind not in _SPEC_TYPES:
                 self.refuse(key, text, f"names the container type {kind!r} (resolved by name)")
             if not _plain_context(node.get("context")):
                 self.refuse(key, text, "has a context other than a list of plain keys")

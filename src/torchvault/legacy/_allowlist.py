@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import _dtypes
+from .._format import fits_int64
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedFormatError
 from ._unpickler import Building, Global, is_key
 
@@ -159,6 +160,8 @@ def tensor_spec(ctx: Context, args: tuple[Any, ...], dtype: torch.dtype | None) 
         raise _bad("a tensor has a malformed requires_grad flag or backward hooks")
     if storage.nbytes % dtype.itemsize:
         raise _bad(f"storage {storage.key} does not hold whole {dtype} elements")
+    if not fits_int64(shape, dtype.itemsize, strides, offset):
+        raise _bad(f"a tensor of size {list(shape)[:8]} is too large for torch (int64)")
     extent = offset
     if math.prod(shape):
         extent += sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) + 1
@@ -435,7 +438,7 @@ def _as_dtype(value: object) -> np.dtype[Any]:
 def _array(raw: object, dtype: np.dtype[Any], shape: tuple[int, ...], fortran: bool) -> object:
     if not isinstance(raw, (bytes, bytearray)):
         raise UnsupportedFormatError("a numpy array of Python objects is saved; it is not read")
-    if math.prod(shape) * dtype.itemsize != len(raw):
+    if not fits_int64(shape, dtype.itemsize) or math.prod(shape) * dtype.itemsize != len(raw):
         raise _bad(f"a numpy array of shape {list(shape)} does not match its {len(raw)} bytes")
     flat = np.frombuffer(raw, dtype=dtype)
     # numpy's own unpickling returns native byte order (values converted), and so do we

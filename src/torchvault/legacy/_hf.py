@@ -65,8 +65,9 @@ def _load_shard(path: str, map_location: Where) -> tuple[dict[str, torch.Tensor]
     # load() passes a Placement, already checked, through unchanged
     state = load(path, map_location=cast("MapLocation", map_location))
     aliases: set[str] = set()
-    if path.endswith(".safetensors"):
-        aliases = set(json.loads(open_file(path)[0].header.metadata.get(ALIASES, "{}")))
+    header = open_file(path)[0].header if path.endswith(".safetensors") else None
+    if header is not None and not header.is_torchvault:  # load checked convert's aliases
+        aliases = set(json.loads(header.metadata.get(ALIASES, "{}")))
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

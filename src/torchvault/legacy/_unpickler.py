@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import codecs
+import functools
 import struct
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
@@ -715,16 +716,35 @@ def _build(u: Unpickler) -> None:
         u._guard(target.build, state)
     elif isinstance(target, dict) and not state:
         pass  # a dict subclass with an empty __dict__
-    elif type(target) is OrderedDict and _attributes(state):
-        vars(target).update(state)  # a state dict's _metadata (module versions)
+    elif type(target) is OrderedDict and isinstance(state, dict):
+        u._guard(functools.partial(_state_dict_metadata, target), state)
     else:
         u._fail(f"sets the state of a {type(target).__name__}")
 
 
-def _attributes(state: object) -> bool:
-    return isinstance(state, dict) and all(
-        isinstance(k, str) and k.isidentifier() and not k.startswith("__") for k in state
-    )
+def _state_dict_metadata(target: OrderedDict[Any, Any], state: dict[Any, Any]) -> None:
+    """BUILD on an OrderedDict: torch.save gives a state dict one attribute, ``_metadata``
+    (module versions, a map of maps), which ``load_state_dict`` reads. Containers get their
+    contents only through their items: any other attribute (``get`` or ``keys`` as an int)
+    would shadow the container's own methods, so it is refused (in permissive reads it is
+    dropped and listed as an anomaly)."""
+    stray = [key for key in state if key != "_metadata"]
+    if stray:
+        raise CorruptCheckpointError(
+            f"pickle BUILD sets the attribute {str(stray[0])[:40]!r} on an OrderedDict; "
+            "a container takes state only through its items (torch.save sets `_metadata` "
+            "alone), so the attribute was not set"
+        )
+    metadata = state.get("_metadata")
+    if not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, dict) for k, v in metadata.items())
+    ):
+        raise CorruptCheckpointError(
+            "pickle BUILD sets a state dict's `_metadata` to something other than a map of "
+            "module names to maps, so it was not set"
+        )
+    vars(target).update(state)
 
 
 @_op(b"Q")
