@@ -446,14 +446,16 @@ def test_many_tiny_entries_are_handled_in_bounded_time_and_memory(
             [sys.executable, "-c", _MANY_ENTRIES_CHILD, str(path)],
             capture_output=True,
             text=True,
-            timeout=12,
+            timeout=90,
             check=True,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail(f"loading {count} tiny entries took over 12 s")
+        pytest.fail(f"loading {count} tiny entries took over 90 s")
     outcome, seconds, grown = done.stdout.split()
     assert outcome in ("loaded", "rejected")
-    assert float(seconds) < 5, f"{outcome} {count} entries in {float(seconds):.1f} s"
+    # A guard against a hang or quadratic work (hours at this count), not a speed target:
+    # a loaded shared machine can stretch the ~2 s this takes several times.
+    assert float(seconds) < 30, f"{outcome} {count} entries in {float(seconds):.1f} s"
     assert int(grown) < 512 << 20, f"{outcome} {count} entries with {int(grown) >> 20} MiB"
 
 
