@@ -15,7 +15,7 @@ from ._file import _gc_paused, save
 from ._format import Entry
 from ._load_into import load_into
 from ._report import CheckpointSummary, LoadReport, ResumeReport
-from ._store import RunStore, blobs_of
+from ._store import RunStore, StoredBlob, blobs_of
 from ._tensors import MapLocation, TensorTable
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreMismatchError
 
@@ -146,16 +146,24 @@ def best_of(store: RunStore, steps: Sequence[int]) -> tuple[int | None, str]:
     return pick_best(steps, latest, readable_ref(store, "best"), metrics)
 
 
-def load_tree(
-    store: RunStore, step: int, map_location: MapLocation = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The manifest of ``step`` and its decoded state, every object verified."""
+def read_manifest(
+    store: RunStore, step: int
+) -> tuple[dict[str, Any], str, list[StoredBlob], list[Any]]:
+    """The sealed manifest of ``step``, its path, the objects it lists and its tensor table."""
     manifest = store.manifest(step)
     path = str(store.manifest_path(step))
     blobs = blobs_of(manifest, path)
     entries = manifest.get("tensors")
     if not isinstance(entries, list):
         raise CorruptCheckpointError(f"{path}: its tensor table is missing.", path=path)
+    return manifest, path, blobs, entries
+
+
+def load_tree(
+    store: RunStore, step: int, map_location: MapLocation = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest of ``step`` and its decoded state, every object verified."""
+    manifest, path, blobs, entries = read_manifest(store, step)
     with _gc_paused():
         try:
             mapped = store.map_objects(blobs)

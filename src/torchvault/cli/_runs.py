@@ -147,12 +147,7 @@ def step_info(store: RunStore, step: int, label: str) -> CheckpointInfo:
     """What checkpoint ``step`` of a run holds, as ``tv.inspect`` describes a file: its
     items' tensors by dotted key (as ``torchvault export`` would write them), read from the
     manifest alone (no object is read)."""
-    manifest = store.manifest(step)
-    path = str(store.manifest_path(step))
-    blobs = blobs_of(manifest, path)
-    entries = manifest.get("tensors")
-    if not isinstance(entries, list):
-        raise CorruptCheckpointError(f"{path}: its tensor table is missing.", path=path)
+    manifest, path, blobs, entries = _run.read_manifest(store, step)
     table = TensorTable(entries, tuple(b.entry() for b in blobs), _no_data, path)
     try:
         state = _tree.decode(manifest.get("tree"), _Ref)
