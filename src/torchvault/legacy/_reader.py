@@ -368,7 +368,7 @@ def unsupported(path: str, kind: str, head: bytes = b"") -> UnsupportedFormatErr
         )
     else:
         why = "is not a torch.save file (zip or pickle), a torchvault file or a safetensors file"
-    return UnsupportedFormatError(f"{path}: {why}.", path=path)
+    return UnsupportedFormatError(f"{path} {why}.", path=path)
 
 
 def _read_zip(session: Session, archive: ZipArchive) -> object:
