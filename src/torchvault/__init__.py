@@ -11,7 +11,6 @@ from . import retention
 from ._diff import diff
 from ._file import inspect, load, save, verify
 from ._load_into import load_into
-from ._manager import CheckpointManager
 from ._report import (
     CheckpointInfo,
     CheckpointSummary,
@@ -60,6 +59,7 @@ from .export import (
     save_quantized,
 )
 from .legacy import convert, load_legacy, scan
+from .run._manager import CheckpointManager
 
 __all__ = [
     "CheckpointInfo",
