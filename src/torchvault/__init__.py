@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from . import retention
 from ._diff import diff
-from ._file import inspect, load, save, verify
+from ._file import save
 from ._load_into import load_into
+from ._open import inspect, load, verify
 from ._report import (
     CheckpointInfo,
     CheckpointSummary,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import _args
-from ._file import load
+from ._open import load
 from ._report import DiffChange, DiffLeaf, DiffReport, DiffSide
 from ._sources import open_run, parse_source, resolve_step
 from ._tree import flatten
