@@ -53,7 +53,7 @@ from bench_file import (
     settle,
     torch_save,
 )
-from torchvault._store import RunStore
+from torchvault.run._store import RunStore
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -39,9 +39,9 @@ from torch import nn
 import attack_files as af
 import torchvault as tv
 from test_bad_input import resealed_members
-from torchvault import _run
-from torchvault._store import RunStore
 from torchvault.errors import CorruptCheckpointError, TorchVaultError
+from torchvault.run import _readers
+from torchvault.run._store import RunStore
 
 SETTINGS = settings(
     max_examples=60,
@@ -170,7 +170,7 @@ def test_run_steps_ignore_manifest_names_in_other_digits(digits: str, tmp_path: 
     lookalike.write_bytes((run / "checkpoints" / "step-000000000007.json").read_bytes())
     try:
         assert RunStore(run).steps() == [7]
-        assert _run.load_items(RunStore(run), "latest")[0] == 7
+        assert _readers.load_items(RunStore(run), "latest")[0] == 7
     finally:
         lookalike.unlink()
 
@@ -318,7 +318,7 @@ def test_a_run_object_whose_empty_shape_passes_int64_is_corrupt(
     try:
         manifest_file.write_bytes(af.seal_document(manifest))
         with pytest.raises(CorruptCheckpointError) as info:
-            _run.load_items(RunStore(run), 1)
+            _readers.load_items(RunStore(run), 1)
         assert "step-000000000001.json" in str(info.value)
     finally:
         manifest_file.write_bytes(original)
@@ -712,11 +712,11 @@ def test_fuzz_resealed_run_manifest_only_raises_typed_errors(
             manifest[field] = value
     store = RunStore(run_folder)
     calls: dict[str, Callable[[], object]] = {
-        "load_items": lambda: _run.load_items(store, "latest"),
-        "restore": lambda: _run.restore(
+        "load_items": lambda: _readers.load_items(store, "latest"),
+        "restore": lambda: _readers.restore(
             store, "latest", strict=False, map_location=None, items={"model": nn.Linear(3, 2)}
         ),
-        "summarize": lambda: _run.summarize(store),
+        "summarize": lambda: _readers.summarize(store),
         "scan": lambda: tv.scan(run_folder),
     }
     try:
@@ -744,7 +744,7 @@ def test_restoring_a_state_item_that_holds_no_mapping_is_corrupt(
     try:
         manifest_file.write_bytes(af.seal_document(manifest))
         with pytest.raises(CorruptCheckpointError, match="item 'model'"):
-            _run.restore(
+            _readers.restore(
                 RunStore(run_folder),
                 "latest",
                 strict=False,
@@ -783,7 +783,7 @@ def test_restoring_a_malformed_numpy_random_state_is_corrupt(
     try:
         manifest_file.write_bytes(af.seal_document(manifest))
         what = outcome(
-            lambda: _run.restore(
+            lambda: _readers.restore(
                 RunStore(run_folder), "latest", strict=False, map_location=None, items={}
             )
         )

@@ -12,7 +12,7 @@ import torch
 
 import torchvault as tv
 from torchvault import _commit, _format
-from torchvault._store import RunStore
+from torchvault.run._store import RunStore
 
 
 def model(seed: int = 0) -> torch.nn.Module:
@@ -372,7 +372,7 @@ def test_a_damaged_latest_pointer_falls_back_to_the_newest_checkpoint(tmp_path: 
 
 
 def test_run_folder_of_a_newer_format_is_refused(tmp_path: Path) -> None:
-    from torchvault._store import seal
+    from torchvault.run._store import seal
 
     run = tmp_path / "run"
     run.mkdir()

@@ -44,8 +44,9 @@ import torch
 
 import crashfs
 import torchvault as tv
-from torchvault import _commit, _rng, _run
-from torchvault._store import RunStore
+from torchvault import _commit
+from torchvault.run import _readers, _rng
+from torchvault.run._store import RunStore
 
 BIG = (1 << 20) + 3  # 5 numbered writes of crashfs.WRITE_SIZE
 KEEP = 2
@@ -165,7 +166,7 @@ def bits(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
 def check_step(store: RunStore, step: int) -> str | None:
     """None when ``step`` loads, every object verified, and equals ``expected(step)``."""
     try:
-        _, state = _run.load_tree(store, step)
+        _, state = _readers.load_tree(store, step)
     except (tv.TorchVaultError, OSError) as exc:
         return f"step {step}: {type(exc).__name__}: {exc}"
     return difference(state, expected(step), f"step {step}")
@@ -235,7 +236,7 @@ def observe(run: Path, case: crashfs.Case, found: Sweep) -> None:
     found.steps.add(tuple(steps))
     loads = {step: check_step(store, step) for step in steps}
     try:
-        latest = _run.resolve(store, "latest")
+        latest = _readers.resolve(store, "latest")
     except tv.TorchVaultError as exc:
         latest = None
         found.broken["latest"].append(f"{case}: resolve raised {type(exc).__name__}: {exc}")
@@ -261,7 +262,7 @@ def pointer_problems(store: RunStore, steps: list[int]) -> Iterator[str]:
         try:
             named = store.ref(name)
         except tv.CorruptCheckpointError:  # damaged: resolve must fall back
-            if (got := _run.resolve(store, name)) != steps[-1]:
+            if (got := _readers.resolve(store, name)) != steps[-1]:
                 yield f"damaged refs/{name}.json resolves to {got}, not {steps[-1]}"
             continue
         if named is not None and named not in steps:
@@ -297,7 +298,7 @@ def recover(run: Path) -> Iterator[tuple[str, str]]:
             return
     store = RunStore(run)
     steps = store.steps()
-    if len(steps) != KEEP or steps[-1] != 4 or _run.resolve(store, "latest") != 4:
+    if len(steps) != KEEP or steps[-1] != 4 or _readers.resolve(store, "latest") != 4:
         yield "recovery", f"after saving step 4: steps {steps}, latest {store.ref('latest')}"
     for step in steps:
         if problem := check_step(store, step):
@@ -385,7 +386,7 @@ def test_damaged_latest_pointer_resolves_to_the_newest_committed_step(
     store = RunStore(run)
     with pytest.raises(tv.CorruptCheckpointError):
         store.ref("latest")
-    assert _run.resolve(store, "latest") == 3
+    assert _readers.resolve(store, "latest") == 3
     assert check_step(store, 3) is None
 
 
@@ -541,7 +542,7 @@ def save_next_step(run: Path) -> list[str]:
         save_step(mgr, following)
     store = RunStore(run)
     steps = store.steps()
-    if steps[-1] != following or _run.resolve(store, "latest") != following:
+    if steps[-1] != following or _readers.resolve(store, "latest") != following:
         problems.append(f"after saving step {following}: steps {steps}")
     problems.extend(p for step in steps if (p := check_step(store, step)))
     return problems
@@ -617,7 +618,7 @@ def test_disk_error_while_opening_a_run_raises_typed_error_and_keeps_the_run(
         if problem := judge(raised, faults, code):
             failures.append(f"{where}: {problem}")
         store = RunStore(run)
-        if store.steps() != [1, 2] or _run.resolve(store, "latest") != 2:
+        if store.steps() != [1, 2] or _readers.resolve(store, "latest") != 2:
             failures.append(f"{where}: steps {store.steps()}, latest {store.ref('latest')}")
         failures.extend(f"{where}: {p}" for step in (1, 2) if (p := check_step(store, step)))
         failures.extend(f"{where}: then {problem}" for problem in save_next_step(run))

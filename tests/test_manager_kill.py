@@ -21,8 +21,8 @@ import torch
 
 import torchvault as tv
 from torchvault._commit import TEMP_MARK
-from torchvault._run import load_tree, resolve, restore
-from torchvault._store import RunStore
+from torchvault.run._readers import load_tree, resolve, restore
+from torchvault.run._store import RunStore
 
 TIMEOUT = 60.0
 KEEP = {"keep_last": 3, "keep_best": 1, "monitor": "loss"}

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import torchvault as tv
-from torchvault import _run
-from torchvault._store import RunStore
 from torchvault.cli import main
 from torchvault.export import program_path
 from torchvault.retention import AnyOf, KeepBest, KeepEvery, KeepLast
+from torchvault.run import _readers
+from torchvault.run._store import RunStore
 from torchvault.storage import MemoryStorage
 
 LOSSES = {10: 0.9, 20: 0.2, 30: 0.5, 40: 0.7}  # the best (lowest) is step 20, the latest 40
@@ -123,7 +123,7 @@ def test_best_is_undefined_without_a_metric_and_asking_for_it_says_so(
         with pytest.raises(tv.CheckpointNotFoundError, match="no metric"):
             mgr.restore("best", model=net)
     with pytest.raises(tv.CheckpointNotFoundError, match="no metric"):
-        _run.resolve(RunStore(run), "best")
+        _readers.resolve(RunStore(run), "best")
     code, _, err = cli(["export", str(run), "--step", "best", str(tmp_path / "b.tv")], capsys)
     assert (code, "no metric" in err) == (3, True)
     assert not (tmp_path / "b.tv").exists()
@@ -162,7 +162,7 @@ def test_best_is_defined_by_a_keep_best_policy_for_every_reader(
         report = mgr.restore("best", model=model(1))
         assert report is not None
         assert report.step == 20
-    assert _run.resolve(RunStore(run), "best") == 20
+    assert _readers.resolve(RunStore(run), "best") == 20
     listing = json.loads(cli(["ls", "--json", str(run)], capsys)[1])
     assert (listing["latest"], listing["best"]) == (40, 20)
     assert cli(["export", str(run), "--step", "best", str(tmp_path / "b.tv")], capsys)[0] == 0
@@ -245,9 +245,9 @@ def test_readers_recompute_the_best_when_its_pointer_is_missing_or_stale(tmp_pat
         save_losses(mgr, model())
     store = RunStore(run)
     store.set_ref("best", 40)  # a pointer a crash left behind
-    assert _run.resolve(store, "best") == 20
+    assert _readers.resolve(store, "best") == 20
     (run / "refs" / "best.json").unlink()
-    assert _run.resolve(store, "best") == 20
+    assert _readers.resolve(store, "best") == 20
     with tv.CheckpointManager(run) as mgr:  # a manager without a metric reads it the same way
         assert mgr.best_step == 20
 
@@ -279,7 +279,7 @@ def test_an_old_run_whose_manifests_name_no_metric_keeps_its_best_pointer(tmp_pa
         manifest = store.manifest(step)
         manifest.pop("monitor", None)
         store.commit(step, manifest)
-    assert _run.resolve(store, "best") == 20
+    assert _readers.resolve(store, "best") == 20
     with tv.CheckpointManager(run) as mgr:
         assert mgr.best_step == 20
         assert mgr.load("best")["epoch"] == 20

@@ -32,6 +32,7 @@ from torch import nn
 import torchvault as tv
 from torchvault import retention
 from torchvault.errors import TorchVaultError
+from torchvault.run.retention import _Policy
 
 # ----------------------------------------------------------------------------- wrong values
 
@@ -342,7 +343,7 @@ def public_names() -> set[str]:
     names |= {
         f"retention.{n}"
         for n, v in vars(retention).items()
-        if isinstance(v, type) and issubclass(v, retention._Policy) and not n.startswith("_")
+        if isinstance(v, type) and issubclass(v, _Policy) and not n.startswith("_")
     }
     return names
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import torchvault as tv
-from torchvault._store import RunStore
+from torchvault.run._store import RunStore
 
 JOB = Path(__file__).with_name("train_job.py")
 TOTAL = 60  # 5 epochs of 12 batches

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from . import retention
 from ._diff import diff
-from ._file import inspect, load, save, verify
+from ._file import save
 from ._load_into import load_into
-from ._manager import CheckpointManager
+from ._open import inspect, load, verify
 from ._report import (
     CheckpointInfo,
     CheckpointSummary,
@@ -60,6 +60,7 @@ from .export import (
     save_quantized,
 )
 from .legacy import convert, load_legacy, scan
+from .run._manager import CheckpointManager
 
 __all__ = [
     "CheckpointInfo",

@@ -23,12 +23,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import _args, _run
-from ._file import load
+from . import _args
+from ._open import load
 from ._report import DiffChange, DiffLeaf, DiffReport, DiffSide
 from ._sources import open_run, parse_source, resolve_step
 from ._tree import flatten
 from .errors import CheckpointNotFoundError
+from .run import _readers
 
 CHUNK_ELEMENTS = 1 << 21
 """Elements compared at once: each float64 temporary of a block is at most 16 MiB."""
@@ -100,8 +101,8 @@ def open_side(spec: str, item: str | None = None) -> tuple[DiffSide, object]:
         return DiffSide(spec, "file", path), load(path)  # every checksum verified
     store = open_run(path)
     step = resolve_step(store, ref)
-    _, state = _run.load_tree(store, step, map_location="cpu")  # every object verified
-    items = state[_run.ITEMS]
+    _, state = _readers.load_tree(store, step, map_location="cpu")  # every object verified
+    items = state[_readers.ITEMS]
     if item is not None:
         if item not in items:
             names = ", ".join(sorted(str(name) for name in items)) or "none"

@@ -1,9 +1,13 @@
-"""The one-file API: ``save``, ``load``, ``inspect`` and ``verify``."""
+"""The file layer: ``save``, and reading torchvault and safetensors files.
+
+``tv.load``, ``tv.inspect`` and ``tv.verify`` (``_open``) hand a path here when it holds one of
+these formats (``load_native``, ``inspect_native``, ``verify_native``), and to ``legacy/``
+otherwise; this module knows nothing of other formats.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import gc
 import os
@@ -28,7 +32,7 @@ from ._contents import (
 )
 from ._report import CheckpointInfo, SaveReport, TensorInfo, VerifyReport
 from ._stored import Storing
-from ._tensors import MapLocation, TensorPlan
+from ._tensors import TensorPlan
 from ._version import __version__
 
 PathLike = str | os.PathLike[str]
@@ -171,64 +175,6 @@ def versions() -> dict[str, str]:
     }
 
 
-def load(
-    path: Source,
-    *,
-    map_location: MapLocation = "cpu",
-    lazy: bool = False,
-    verify: bool = True,
-    restore_dtype: bool = False,
-) -> object:
-    """Load what :func:`save` saved, exactly: same types, structure, dtypes and sharing.
-
-    Tensors are backed by a private, copy-on-write map of the file: loading costs no copy,
-    and changing a loaded tensor never changes the file.
-
-    Args:
-        path: a torchvault file, or any safetensors file (loaded as a dict of tensors), or a
-            torch.save file or Hugging Face model folder, read by the restricted reader of
-            :func:`load_legacy` (zero-copy, every zip CRC checked; ``lazy`` and ``verify``
-            do not apply). Or the same contents in memory: ``bytes``, ``bytearray``,
-            ``memoryview`` or a binary file object (``io.BytesIO``, ``open(..., "rb")``),
-            read from its current position to its end. These are copied once into private
-            memory (an open file read from its start is mapped instead), so loaded tensors
-            never alias a buffer the caller can change, and are checked as strictly as a
-            file.
-        map_location: where tensors go, as ``torch.load`` takes it: a device (``"cpu"``,
-            ``"cuda:0"``, ``"meta"``), ``None`` for the device each tensor was saved from, a
-            dict from saved device to target device, or a callable
-            ``(storage, location) -> storage | None`` (``lambda storage, loc: storage`` keeps
-            everything on the CPU).
-        lazy: map the file and read no tensor byte until a tensor is used.
-        verify: check every tensor's checksum before returning (with ``lazy=False``). The
-            header is always checked. With ``lazy=True`` data checksums are not read: use
-            ``tv.verify(path)`` for that.
-        restore_dtype: cast tensors saved with ``save(..., dtype=...)`` back to the dtype
-            they had (int8-quantized tensors are always dequantized).
-
-    Raises:
-        TypeError, ValueError: a wrong argument, naming it: a URL or non-path ``path``, a
-            ``map_location`` that is not a device, or a device this machine lacks.
-        CheckpointNotFoundError: no file at ``path``.
-        CorruptCheckpointError: the file is malformed, truncated or fails a checksum; the
-            message names the tensor.
-        UnsupportedFormatError: the file was written by a newer torchvault.
-        UnsafeCheckpointError: a torch.save file names code outside the allowlist.
-        TypeError: ``path`` is not a path, bytes-like object or binary file object.
-        ValueError: ``path`` is a file object that is closed or not open for reading.
-
-    Example:
-        >>> state = tv.load("model.tv")
-        >>> model.load_state_dict(state)
-        >>> state = tv.load(response.content)  # bytes
-    """
-    placement = _placement.check(map_location)
-    lazy, verify = _args.flag(lazy, "lazy"), _args.flag(verify, "verify")
-    restore_dtype = _args.flag(restore_dtype, "restore_dtype")
-    with _source.reading(checked_source(path)) as (where, _):
-        return _load(where, placement, lazy, verify, restore_dtype)
-
-
 def checked_target(path: object) -> None:
     """Refuse a ``path`` that is neither a local path (no URL) nor a writable binary file
     object, naming the argument."""
@@ -245,13 +191,10 @@ def checked_source(path: _S) -> _S:
     return path
 
 
-def _load(
+def load_native(
     path: PathLike, placement: _placement.Placement, lazy: bool, verify: bool, restore_dtype: bool
 ) -> object:
-    from .legacy import _dispatch  # imported here: the legacy package imports this module
-
-    if _dispatch.is_foreign(path):
-        return _dispatch.load(path, map_location=placement)
+    """``tv.load`` of a torchvault or safetensors file at ``path``, arguments checked."""
     with _gc_paused():
         contents, mapping = open_file(path)
         if verify and not lazy:
@@ -281,29 +224,8 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def inspect(path: Source) -> CheckpointInfo:
-    """Describe a checkpoint's tensors, metadata and versions without reading tensor data.
-
-    Args:
-        path: what :func:`load` accepts: a path, bytes or a binary file object.
-
-    Raises:
-        CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError: as
-            :func:`load`; TypeError and ValueError for a ``path`` of the wrong kind.
-
-    Example:
-        >>> info = tv.inspect("model.tv")
-        >>> [(t.key, t.dtype, t.shape) for t in info.tensors]
-    """
-    with _source.reading(checked_source(path)) as (where, name):
-        return dataclasses.replace(_inspect(where), path=name)
-
-
-def _inspect(path: PathLike) -> CheckpointInfo:
-    from .legacy import _dispatch
-
-    if _dispatch.is_foreign(path):
-        return _dispatch.inspect(path)
+def inspect_native(path: PathLike) -> CheckpointInfo:
+    """``tv.inspect`` of a torchvault or safetensors file at ``path``."""
     contents, _ = open_file(path)
     tensors = _tensor_infos(contents)
     meta = contents.header.metadata
@@ -354,32 +276,8 @@ class _ArrayRef(_Ref):
     __hash__ = None  # type: ignore[assignment]
 
 
-def verify(path: Source) -> VerifyReport:
-    """Check a file completely: header, tree, tensor table and every tensor's checksum.
-
-    Plain safetensors files carry no checksums: their structure is checked. torch.save files
-    are read with the restricted reader, every zip CRC-32 checked; model folders shard by
-    shard.
-
-    Args:
-        path: what :func:`load` accepts: a path, bytes or a binary file object.
-
-    Raises:
-        CorruptCheckpointError: naming the tensor or the part of the file that is damaged.
-        TypeError, ValueError: a ``path`` of the wrong kind, as :func:`load`.
-
-    Example:
-        >>> tv.verify("model.tv").checked_bytes
-    """
-    with _source.reading(checked_source(path)) as (where, name):
-        return dataclasses.replace(_verify(where), path=name)
-
-
-def _verify(path: PathLike) -> VerifyReport:
-    from .legacy import _dispatch
-
-    if _dispatch.is_foreign(path):
-        return _dispatch.verify(path)
+def verify_native(path: PathLike) -> VerifyReport:
+    """``tv.verify`` of a torchvault or safetensors file at ``path``."""
     contents, mapping = open_file(path)
     checked = contents.verify_data(mapping)
     if not contents.checksums:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import _args, _placement, _source
-from ._file import load
+from ._open import load
 from ._report import DtypeCast, LoadReport, RenamedKey, ShapeMismatch
 from ._tensors import MapLocation
 from .errors import StateDictMismatchError, UnsupportedTypeError

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ._run import StepRef, resolve
-from ._store import RUN_FILE, RunStore
 from .errors import CheckpointNotFoundError, UnsupportedFormatError
+from .run._readers import StepRef, resolve
+from .run._store import RUN_FILE, RunStore
 
 
 def open_run(path: str | os.PathLike[str]) -> RunStore:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torchvault as tv
 
-from .._run import StepRef
+from ..run._readers import StepRef
 from ._exit import ExitCode, message_line, one_line
 from ._progress import Progress
 from ._render import inspect_json, inspect_text, verify_json, verify_text

@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from .. import _run
 from .._load_into import load_into
 from .._report import ExportReport, QuantizationReport
-from .._run import StepRef
-from .._store import RunStore
 from ..errors import CheckpointNotFoundError
 from ..export._pt2 import first_line
 from ..export._quantize_backends import chosen_backend
+from ..run import _readers
+from ..run._readers import StepRef
+from ..run._store import RunStore
 from ._commands import JSON, Argument, command, print_json
 from ._exit import ExitCode, UsageError, one_line
 from ._progress import Progress
@@ -226,8 +226,8 @@ def _load_weights(model: torch.nn.Module, args: argparse.Namespace) -> None:
     if os.path.isdir(source) and os.path.isdir(os.path.join(source, "checkpoints")):
         store = open_run(source)
         step = resolve(store, _default_step(store) if args.step is None else args.step)
-        _, state = _run.load_tree(store, step)
-        items = state[_run.ITEMS]
+        _, state = _readers.load_tree(store, step)
+        items = state[_readers.ITEMS]
         if args.item not in items:
             raise CheckpointNotFoundError(
                 f"{source}: step {step} has no item {args.item!r} (it has {sorted(items)}); "
@@ -243,7 +243,7 @@ def _default_step(store: RunStore) -> StepRef:
     """``best`` when a metric defines it, else ``latest``, said on stderr: a run without a
     metric has no best, and the latest is only the default, never labelled best."""
     steps = store.steps()
-    if not steps or _run.best_of(store, steps)[0] is not None:
+    if not steps or _readers.best_of(store, steps)[0] is not None:
         return "best"
     print(
         f"torchvault: {one_line(str(store.root))} has no metric that defines a best "

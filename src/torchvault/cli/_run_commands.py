@@ -14,11 +14,11 @@ from typing import Any
 
 import torchvault as tv
 
-from .. import _run, retention
 from .._diff import diff_trees, open_side
 from .._report import CheckpointSummary, DiffSide
-from .._store import RunStore, blobs_of
 from ..errors import CheckpointNotFoundError, RunLockedError
+from ..run import _readers, retention
+from ..run._store import RunStore, blobs_of
 from ._commands import JSON, Argument, command, print_json
 from ._exit import ExitCode, UsageError, describe, one_line
 from ._progress import Progress
@@ -283,7 +283,7 @@ def export(args: argparse.Namespace) -> int:
     size = human_bytes(int(manifest.get("bytes", {}).get("total", 0)))
     with Progress(f"exporting step {step} ({size})") as progress, progress.ticking():
         try:
-            _run.export(store, step, args.out, item=args.item)
+            _readers.export(store, step, args.out, item=args.item)
         except KeyError as exc:  # the item check above raced a rewrite; say it the same way
             raise CheckpointNotFoundError(str(exc.args[0]), path=store.root) from exc
     info = tv.inspect(args.out)

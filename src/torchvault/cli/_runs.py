@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _run, _sources, _tree
+from .. import _sources, _tree
 from .._report import CheckpointInfo, CheckpointSummary, TensorInfo, VerifyReport
-from .._run import StepRef
-from .._store import RunStore, blobs_of
 from .._tensors import TensorTable
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..run import _readers
+from ..run._readers import StepRef
+from ..run._store import RunStore, blobs_of
 from ._exit import UsageError
 
 _RETRIES = 5  # listings retried when a concurrent prune deletes a checkpoint under them
@@ -39,17 +40,17 @@ def open_run(path: str | os.PathLike[str]) -> RunStore:
 
 
 def summaries(store: RunStore) -> list[CheckpointSummary]:
-    """``_run.summarize``, retried when a checkpoint is deleted while it is listed."""
+    """``_readers.summarize``, retried when a checkpoint is deleted while it is listed."""
     for _ in range(_RETRIES - 1):
         found = _summaries_once(store)
         if found is not None:
             return found
-    return _run.summarize(store)
+    return _readers.summarize(store)
 
 
 def _summaries_once(store: RunStore) -> list[CheckpointSummary] | None:
     try:
-        return _run.summarize(store)
+        return _readers.summarize(store)
     except CheckpointNotFoundError:
         if not store.exists():
             raise
@@ -67,14 +68,14 @@ def resolve(store: RunStore, ref: StepRef) -> int:
 
 def recorded_bests(store: RunStore) -> set[int]:
     """The steps a prune must keep as the run's best: the best as its newest checkpoint
-    ranks it (see ``_run.pick_best``), and the step its ``best`` pointer names, which a crash
+    ranks it (see ``_readers.pick_best``), and the step its ``best`` pointer names, which a crash
     may have left behind the true best. Empty when no metric defines a best."""
     found = set()
     with contextlib.suppress(CorruptCheckpointError):
         found.add(store.ref("best"))
     steps = store.steps()
     if steps:
-        found.add(_run.best_of(store, steps)[0])
+        found.add(_readers.best_of(store, steps)[0])
     return {step for step in found if step is not None}
 
 
@@ -147,11 +148,11 @@ def step_info(store: RunStore, step: int, label: str) -> CheckpointInfo:
     """What checkpoint ``step`` of a run holds, as ``tv.inspect`` describes a file: its
     items' tensors by dotted key (as ``torchvault export`` would write them), read from the
     manifest alone (no object is read)."""
-    manifest, path, blobs, entries = _run.read_manifest(store, step)
+    manifest, path, blobs, entries = _readers.read_manifest(store, step)
     table = TensorTable(entries, tuple(b.entry() for b in blobs), _no_data, path)
     try:
         state = _tree.decode(manifest.get("tree"), _Ref)
-        items = state[_run.ITEMS] if isinstance(state, dict) else None
+        items = state[_readers.ITEMS] if isinstance(state, dict) else None
         if not isinstance(items, dict):
             raise CorruptCheckpointError("it holds no items")
         tensors = []
@@ -196,10 +197,10 @@ def verify_step(store: RunStore, step: int, label: str) -> VerifyReport:
         CorruptCheckpointError: naming the manifest or object that is damaged.
         CheckpointNotFoundError: the step was pruned while it was read.
     """
-    manifest, state = _run.load_tree(store, step, map_location="cpu")
+    manifest, state = _readers.load_tree(store, step, map_location="cpu")
     path = str(store.manifest_path(step))
     checked = sum(blob.nbytes for blob in blobs_of(manifest, path))
-    tensors = sum(1 for _, leaf in _tree.flatten(state[_run.ITEMS]) if _is_array(leaf))
+    tensors = sum(1 for _, leaf in _tree.flatten(state[_readers.ITEMS]) if _is_array(leaf))
     return VerifyReport(label, tensors, checked, True)
 
 

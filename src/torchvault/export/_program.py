@@ -58,8 +58,6 @@ import torch
 
 from .. import _args, _commit
 from .._report import ExportReport
-from .._run import StepRef, resolve
-from .._store import PROGRAMS, RUN_FILE, RunStore, program
 from ..errors import (
     CheckpointNotFoundError,
     ExportError,
@@ -68,6 +66,8 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from ..legacy._reader import is_onnx, open_mapped, sniff
+from ..run._readers import StepRef, resolve
+from ..run._store import PROGRAMS, RUN_FILE, RunStore, program
 from ..storage import LocalStorage
 from . import _compare
 from ._pt2 import build, first_line, rebuild

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, NoReturn
 
 import torch
 
-from .. import _args, _file, _source
+from .. import _args, _file, _open, _source
 from .._file import PathLike, Source
 from .._report import LoadReport, SaveReport, ShapeMismatch
 from ..errors import (
@@ -363,7 +363,7 @@ def load_quantized(model: torch.nn.Module, path: Source) -> torch.nn.Module:
         >>> model = tv.load_quantized(MyModel(), "model-int8.tv")
     """
     _args.module(model)
-    saved = _Saved.read(_file.load(path), _source.display_name(path))
+    saved = _Saved.read(_open.load(path), _source.display_name(path))
     _check_float(model)
     _fill(model, saved)
     return model

@@ -22,10 +22,11 @@ import torch
 
 from .. import _args
 from .._commit import atomic_file
-from .._file import load, save
+from .._file import save
 from .._report import ConvertReport
 from .._tree import flatten
 from ..errors import UnsupportedTypeError
+from ._foreign import load_file
 from ._hf import metadata, write_folder, write_safetensors
 
 Target = Literal["tv", "torchvault", "safetensors", "hf", "torch"]
@@ -107,7 +108,7 @@ def convert(
         salvaged = load_legacy(source, salvage=True)
         report = _convert(salvaged.state_dict, src, dst, target, max_shard_size)
         return dataclasses.replace(report, classes=salvaged.classes, unsafe=salvaged.unsafe)
-    return _convert(load(source), src, dst, target, max_shard_size)
+    return _convert(load_file(source), src, dst, target, max_shard_size)
 
 
 def _convert(

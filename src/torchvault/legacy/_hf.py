@@ -13,14 +13,13 @@ import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import cast
 
 import torch
 
 from .. import _dtypes, _format
 from .._commit import atomic_file, make_dirs, remove
 from .._contents import ALIASES, open_file
-from .._placement import MapLocation, Where
+from .._placement import Where
 from ..errors import CorruptCheckpointError, UnsupportedFormatError, UnsupportedTypeError
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -60,10 +59,9 @@ def load_folder(folder: str, *, map_location: Where = "cpu") -> dict[str, torch.
 
 def _load_shard(path: str, map_location: Where) -> tuple[dict[str, torch.Tensor], set[str]]:
     """A shard's tensors (aliases included) and the names that are aliases."""
-    from .._file import load  # the native reader, or this package for .bin shards
+    from ._foreign import load_file  # the native reader, or this package for .bin shards
 
-    # load() passes a Placement, already checked, through unchanged
-    state = load(path, map_location=cast("MapLocation", map_location))
+    state = load_file(path, map_location=map_location)
     aliases: set[str] = set()
     header = open_file(path)[0].header if path.endswith(".safetensors") else None
     if header is not None and not header.is_torchvault:  # load checked convert's aliases

@@ -15,8 +15,9 @@ from collections import Counter
 from .. import _args
 from .._file import _gc_paused
 from .._report import GlobalRef, ScanReport
-from .._store import RUN_FILE
 from ..errors import CheckpointNotFoundError, TorchVaultError
+from ..run._store import RUN_FILE
+from ._foreign import verify_file
 from ._reader import Session, kind_of, open_mapped, read, sniff
 
 CHECKPOINT_SUFFIXES = (
@@ -87,8 +88,8 @@ def _scan_folder(folder: str) -> ScanReport:
 def _scan_run(folder: str) -> ScanReport:
     """A CheckpointManager run: no pickle anywhere; every committed checkpoint's manifest
     and objects are read and verified."""
-    from .. import _run  # the run readers import the file API, which imports this package
-    from .._store import RunStore
+    from ..run import _readers  # they import load_into, whose tv.load imports this package
+    from ..run._store import RunStore
 
     anomalies = []
     try:
@@ -96,7 +97,7 @@ def _scan_run(folder: str) -> ScanReport:
         store.check()
         steps = store.steps()
         for step in steps:
-            _run.load_tree(store, step)
+            _readers.load_tree(store, step)
     except TorchVaultError as exc:
         anomalies.append(exc.message)
         steps = []
@@ -160,10 +161,8 @@ def _scan_file(name: str) -> ScanReport:
 
 
 def _scan_native(name: str) -> ScanReport:
-    from .._file import verify  # a torchvault or safetensors file: no pickle at all
-
     try:
-        report = verify(name)
+        report = verify_file(name)  # a torchvault or safetensors file: no pickle at all
     except TorchVaultError as exc:
         return ScanReport(name, "unknown", anomalies=(exc.message,), files=(name,))
     kind = "torchvault" if report.checksummed else "safetensors"

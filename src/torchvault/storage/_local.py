@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .. import _commit
-from .._lock import RunLock
+from ._lock import RunLock
 
 
 class LocalStorage:

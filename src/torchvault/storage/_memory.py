@@ -6,8 +6,8 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 
-from .._lock import held_here
 from ..errors import RunLockedError
+from ._lock import held_here
 
 
 class MemoryStorage:

@@ -10,14 +10,15 @@ from typing import Any, Literal, cast
 
 import torch
 
-from . import _args, _rng, _tree, retention
-from ._file import _gc_paused, save
-from ._format import Entry
-from ._load_into import load_into
-from ._report import CheckpointSummary, LoadReport, ResumeReport
+from .. import _args, _tree
+from .._file import _gc_paused, save
+from .._format import Entry
+from .._load_into import load_into
+from .._report import CheckpointSummary, LoadReport, ResumeReport
+from .._tensors import MapLocation, TensorTable
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreMismatchError
+from . import _rng, retention
 from ._store import RunStore, StoredBlob, blobs_of
-from ._tensors import MapLocation, TensorTable
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreMismatchError
 
 StepRef = int | Literal["latest", "best"]
 RNG = "rng"

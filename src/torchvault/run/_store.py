@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from . import _dtypes, _format
-from ._format import Blob, Entry
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
-from .storage import LocalStorage, Storage
+from .. import _dtypes, _format
+from .._format import Blob, Entry
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from ..storage import LocalStorage, Storage
 
 RUN_FILE = "torchvault-run.json"
 RUN_FORMAT = 1

@@ -1,5 +1,10 @@
-"""Where ``tv.load``, ``tv.load_into`` and ``tv.inspect`` hand over what is not a torchvault
-or safetensors file: torch.save files and Hugging Face model folders."""
+"""Where ``tv.load``, ``tv.load_into`` and ``tv.inspect`` (``_open``) hand over what is not a
+torchvault or safetensors file: torch.save files and Hugging Face model folders.
+
+``load_file`` and ``verify_file`` read a file this package meets itself (a model folder's
+shard, a ``convert`` source) with the reader ``tv.load`` would choose: ours for a torch.save
+file, the file layer's for a torchvault or safetensors file.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,15 @@ import os
 
 import torch
 
-from .._file import _gc_paused
-from .._placement import Where
+from .._file import _gc_paused, load_native, verify_native
+from .._placement import Where, check
 from .._report import CheckpointInfo, TensorInfo, VerifyReport
 from .._tree import flatten
 from ._hf import load_folder
 from ._reader import Session, is_foreign, open_mapped, read, sniff
 from ._zip import ZipArchive
 
-__all__ = ["inspect", "is_foreign", "load", "verify"]
+__all__ = ["inspect", "is_foreign", "load", "load_file", "verify", "verify_file"]
 
 
 def load(path: str | os.PathLike[str], *, map_location: Where = "cpu") -> object:
@@ -32,8 +37,6 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """A full read of a torch.save file (every CRC) or of every shard of a model folder."""
     name = os.fspath(path)
     if os.path.isdir(name):
-        from .._file import verify as verify_file
-
         reports = [verify_file(os.path.join(name, f)) for f in _weight_files(name)]
         return VerifyReport(
             name,
@@ -46,6 +49,20 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
     tensors = [t for _, t in flatten(obj) if isinstance(t, torch.Tensor)]
     crcs = sniff(data) == "zip" and ZipArchive(data, name).has_crcs
     return VerifyReport(name, len(tensors), len(data), crcs)
+
+
+def load_file(path: str | os.PathLike[str], *, map_location: Where = "cpu") -> object:
+    """A model folder's shard or a ``convert`` source, read as ``tv.load`` reads it."""
+    placement = check(map_location)
+    if is_foreign(path):
+        return load(path, map_location=placement)
+    return load_native(path, placement, lazy=False, verify=True, restore_dtype=False)
+
+
+def verify_file(path: str | os.PathLike[str]) -> VerifyReport:
+    """A model folder's shard, or a file ``scan`` finds no pickle in, checked as
+    ``tv.verify`` checks it."""
+    return verify(path) if is_foreign(path) else verify_native(path)
 
 
 def _weight_files(folder: str) -> list[str]:

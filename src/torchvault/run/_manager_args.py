@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping
 import torch
 
 from . import _rng, retention
-from ._run import GENERATOR, STATE, VALUE, is_stateful
+from ._readers import GENERATOR, STATE, VALUE, is_stateful
 
 STEP_LIMIT = 10**12  # manifests are named with 12 digits: a longer step no reader would list
 

@@ -20,10 +20,20 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import _args, _format, _placement, _rng, _tree, retention
-from ._commit import make_dirs
-from ._file import _gc_paused, versions
-from ._format import Blob, flat_bytes
+from .. import _args, _format, _placement, _tree
+from .._commit import make_dirs
+from .._file import _gc_paused, versions
+from .._format import Blob, flat_bytes
+from .._report import CheckpointSummary, ExportReport, ResumeReport
+from .._tensors import MapLocation, TensorPlan
+from ..errors import (
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    ManagerClosedError,
+    TorchVaultError,
+)
+from ..storage import Storage
+from . import _rng, retention
 from ._manager_args import (
     best_metric,
     check_metrics,
@@ -31,8 +41,7 @@ from ._manager_args import (
     next_step,
     state_of,
 )
-from ._report import CheckpointSummary, ExportReport, ResumeReport
-from ._run import (
+from ._readers import (
     ITEMS,
     RNG,
     Ranking,
@@ -49,14 +58,6 @@ from ._run import (
     summarize,
 )
 from ._store import RunStore, blobs_of
-from ._tensors import MapLocation, TensorPlan
-from .errors import (
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-    ManagerClosedError,
-    TorchVaultError,
-)
-from .storage import Storage
 
 _NOTHING = torch.empty(0, dtype=torch.uint8)
 
@@ -456,8 +457,8 @@ class CheckpointManager:
             >>> mgr.export_program(mgr.best_step, model, (x,), dynamic_shapes="batch")
             >>> program = tv.load_program("runs/exp1", step="best")
         """
-        from .export import export_program, program_path  # torch.export is heavy: on first use
-        from .export._program import held_run
+        from ..export import export_program, program_path  # torch.export is heavy: on first use
+        from ..export._program import held_run
 
         self._check_open()
         self._wait()
@@ -512,14 +513,14 @@ class CheckpointManager:
         return [retention.CheckpointRecord(s, r.metrics) for s, r in sorted(self._records.items())]
 
     def _best(self) -> tuple[int | None, str]:
-        """The best step and, when there is none, why (as ``_run.pick_best`` says it)."""
+        """The best step and, when there is none, why (as ``_readers.pick_best`` says it)."""
         if self._metric is not None:
             best = retention.best_step(self._ranked(), *self._metric)
             return best, f"no checkpoint has a usable (present, non-NaN) {self._metric[0]!r}."
         return self._run_best()
 
     def _run_best(self) -> tuple[int | None, str]:
-        """The best as readers without a manager see it (``_run.pick_best``)."""
+        """The best as readers without a manager see it (``_readers.pick_best``)."""
         steps = sorted(self._records)
         latest = self._records[steps[-1]].ranking if steps else None
         return pick_best(steps, latest, self._best_ref, lambda s: self._records[s].metrics)

@@ -11,7 +11,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import RunLockedError
+from ..errors import RunLockedError
 
 
 class RunLock:
