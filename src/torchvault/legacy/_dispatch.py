@@ -1,5 +1,6 @@
 """Where ``tv.load``, ``tv.load_into`` and ``tv.inspect`` hand over what is not a torchvault
-or safetensors file: torch.save files and Hugging Face model folders."""
+or safetensors file: torch.save files, Hugging Face model folders and
+torch.distributed.checkpoint folders."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .._file import _gc_paused
 from .._placement import Where
 from .._report import CheckpointInfo, TensorInfo, VerifyReport
 from .._tree import flatten
+from . import _dcp
 from ._hf import load_folder
 from ._reader import Session, is_foreign, open_mapped, read, sniff
 from ._zip import ZipArchive
@@ -20,7 +22,9 @@ __all__ = ["inspect", "is_foreign", "load", "verify"]
 
 def load(path: str | os.PathLike[str], *, map_location: Where = "cpu") -> object:
     """A torch.save file through the restricted reader, or a model folder's state dict."""
-    name = os.fspath(path)
+    name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)
+    if os.path.isdir(name) and _dcp.is_dcp_folder(name):
+        return _dcp.load(name, map_location=map_location)
     if os.path.isdir(name):
         return load_folder(name, map_location=map_location)
     name, data = open_mapped(name)
@@ -30,7 +34,9 @@ def load(path: str | os.PathLike[str], *, map_location: Where = "cpu") -> object
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """A full read of a torch.save file (every CRC) or of every shard of a model folder."""
-    name = os.fspath(path)
+    name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)
+    if os.path.isdir(name) and _dcp.is_dcp_folder(name):
+        return _dcp.verify(name)
     if os.path.isdir(name):
         from .._file import verify as verify_file
 
@@ -55,7 +61,9 @@ def _weight_files(folder: str) -> list[str]:
 
 def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Describe a torch.save file or a model folder (tensors are mapped, not read)."""
-    name = os.fspath(path)
+    name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)
+    if os.path.isdir(name) and _dcp.is_dcp_folder(name):
+        return _dcp.inspect(name)
     if os.path.isdir(name):
         obj: object = load_folder(name)
         kind, size = "hf-folder", _folder_bytes(name)
