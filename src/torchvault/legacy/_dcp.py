@@ -52,7 +52,7 @@ from ._dcp_metadata import (
     parse,
     table,
 )
-from ._reader import Session, open_mapped, read, sniff
+from ._reader import Session, kind_of, open_mapped, read, sniff
 
 MAX_METADATA_BYTES = 1 << 30
 HF_SHARD = re.compile(r"shard-[0-9]+-model-[0-9]+-of-[0-9]+\.safetensors")
@@ -65,7 +65,7 @@ def is_dcp_folder(folder: str) -> bool:
     meta = os.path.join(folder, METADATA)
     if os.path.isfile(meta):
         with open(meta, "rb") as file:
-            return file.read(1) == b"\x80"
+            return kind_of(file.read(512), os.fstat(file.fileno()).st_size) == "pickle"
     return any(HF_SHARD.fullmatch(n) for n in _names(folder))
 
 

@@ -198,10 +198,8 @@ def _fields(path: str, obj: object, kind: str, allowed: set[str]) -> dict[str, o
         raise _bad(path, f"a {kind} is expected, found {type(obj).__name__}")
     state = obj.state if obj.built else {}
     if type(state) is not dict or not set(state) <= allowed:
-        raise _bad(
-            path,
-            f"a {kind} has fields {sorted(map(str, state))[:6] if type(state) is dict else state!r:.80}",
-        )
+        found = sorted(map(str, state))[:8] if type(state) is dict else type(state).__name__
+        raise _bad(path, f"a {kind} has fields {found}, expected some of {sorted(allowed)}")
     return state
 
 
