@@ -277,3 +277,11 @@ def test_hugging_face_shards_from_two_ranks_assemble(sharded: Path, tmp_path: Pa
     assert_same(dict(sorted(tv.load(sharded / "hf").items())), {"v": full["v"], "w": full["w"]})
     tv.convert(sharded / "hf", tmp_path / "out.safetensors")
     assert torch.equal(load_file(tmp_path / "out.safetensors")["w"], full["w"])
+
+
+@pytest.mark.parametrize("layout", ["fs", "hf"])
+def test_map_location_places_assembled_tensors(sharded: Path, layout: str) -> None:
+    state = tv.load(sharded / layout, map_location="meta")
+    tensors = state["model"] if layout == "fs" else state
+    assert {t.device.type for t in tensors.values() if isinstance(t, torch.Tensor)} == {"meta"}
+    assert tensors["w"].shape == (5, 4)

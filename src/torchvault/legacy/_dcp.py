@@ -30,7 +30,7 @@ from typing import Any, cast
 import torch
 
 from .._file import _gc_paused
-from .._placement import Where
+from .._placement import MapLocation, Where
 from .._report import CheckpointInfo, TensorInfo, VerifyReport
 from ..errors import (
     CorruptCheckpointError,
@@ -305,7 +305,9 @@ def _lists(node: object) -> object:
 # -- HuggingFaceStorageWriter(save_distributed=True) folders -------------------------------
 
 
-def _hf_shards(folder: str) -> Iterator[tuple[str, dict[str, torch.Tensor], dict[str, Any]]]:
+def _hf_shards(
+    folder: str, map_location: Where
+) -> Iterator[tuple[str, dict[str, torch.Tensor], dict[str, Any]]]:
     from .._contents import open_file
     from .._file import load
 
@@ -319,15 +321,15 @@ def _hf_shards(folder: str) -> Iterator[tuple[str, dict[str, torch.Tensor], dict
             info = json.loads(raw) if raw is not None else {}
         except ValueError:
             info = None
-        tensors = load(path)
+        tensors = load(path, map_location=cast("MapLocation", map_location))  # already checked
         if not isinstance(info, dict) or not isinstance(tensors, dict):
             raise CorruptCheckpointError(f"{path}: {SHARDING_INFO} is not a map", path=path)
         yield path, tensors, info
 
 
-def _hf_load(folder: str) -> dict[str, torch.Tensor]:
+def _hf_load(folder: str, map_location: Where = "cpu") -> dict[str, torch.Tensor]:
     chunks: dict[str, list[tuple[Chunk, torch.Tensor, str]]] = {}
-    for path, tensors, info in _hf_shards(folder):
+    for path, tensors, info in _hf_shards(folder, map_location):
         for key, tensor in tensors.items():
             record = info.get(key, {"saved_offsets": [0] * tensor.dim()})
             offsets = record.get("saved_offsets") if isinstance(record, dict) else None
@@ -364,7 +366,7 @@ def _hf_load(folder: str) -> dict[str, torch.Tensor]:
 def load(folder: str, *, map_location: Where = "cpu") -> object:
     """The whole, unsharded state of a DCP folder."""
     if not os.path.isfile(os.path.join(folder, METADATA)):
-        return _hf_load(folder)
+        return _hf_load(folder, map_location)
     reader = _Folder(folder, map_location)
     return nest(dict(reader.flat()), reader.meta.paths, os.path.join(folder, METADATA))
 
