@@ -22,6 +22,9 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 import torchvault as tv
 from torchvault.cli import main
 
+# dcp.save in one process says it assumes a single process: that is the setup here
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
 
 def model() -> nn.Sequential:
     torch.manual_seed(0)

@@ -38,6 +38,9 @@ from torch.distributed.checkpoint.metadata import (
 
 import torchvault as tv
 
+# dcp.save in one process says it assumes a single process: that is the setup here
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
 Unsafe, Corrupt, Unsupported = (
     tv.UnsafeCheckpointError,
     tv.CorruptCheckpointError,
