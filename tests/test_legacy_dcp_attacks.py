@@ -318,6 +318,13 @@ CASES: list[tuple[str, Make, type[Exception]]] = [
     ("unknown_metadata_field", lambda m, f, c: set_field(m, "evil", 1), Corrupt),
     ("truncated_metadata", _truncated, Corrupt),
     (
+        "planner_path_too_deep",
+        lambda m, f, c: set_field(
+            m, "planner_data", {"w": ("a",) * 10**5, "b": ("b",), "step": ("step",)}
+        ),
+        Corrupt,
+    ),
+    (
         "item_behind_an_extension",
         lambda m, f, c: with_location(m, "w", transform_descriptors=["zstd"]),
         Unsupported,
@@ -348,6 +355,23 @@ def test_malicious_metadata_is_refused_and_runs_nothing(
     if error is Unsafe:
         assert not report.safe
     assert not marker.exists()
+
+
+def test_a_tensor_in_more_chunks_than_the_limit_is_refused(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvault.legacy import _dcp_metadata
+
+    monkeypatch.setattr(_dcp_metadata, "MAX_CHUNKS", 4)  # 65,536 in earnest; same check
+    boxes = [((i, 0), (1, 3)) for i in range(5)]
+    folder, _ = build(
+        base, tmp_path, lambda m, f, c: with_chunks(m, "w", torch.Size([5, 3]), *boxes)
+    )
+    with pytest.raises(Corrupt, match="up to 4"):
+        tv.load(folder)
+    monkeypatch.setattr(_dcp_metadata, "MAX_CHUNKS", 5)  # within it, the data is what is wrong
+    with pytest.raises(Corrupt, match=r"\.distcp: the chunk of 'w'"):
+        tv.load(folder)
 
 
 def test_there_are_at_least_30_cases() -> None:

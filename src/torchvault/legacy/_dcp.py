@@ -225,11 +225,15 @@ def check_tiling(path: str, key: str, entry: TensorEntry) -> None:
             )  # fmt: skip
         total += math.prod(chunk.sizes)
     # in bounds, pairwise disjoint and as many elements as the tensor: an exact tiling
-    boxes = sorted((c for c in entry.chunks if 0 not in c.sizes), key=lambda c: c.offsets)
+    boxes = [c for c in entry.chunks if 0 not in c.sizes]
+    # sweep along the dim the chunks are cut most along, so a sharding does not cost n**2
+    d = max(range(len(shape)), key=lambda i: len({c.offsets[i] for c in boxes}), default=0)
+    boxes.sort(key=lambda c: c.offsets[d] if shape else 0)
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1 :]:
-            if shape and b.offsets[0] >= a.offsets[0] + a.sizes[0]:
-                break  # sorted by the first dim: no later chunk starts before a ends
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j]
+            if shape and b.offsets[d] >= a.offsets[d] + a.sizes[d]:
+                break  # no later chunk starts before a ends along d
             if all(
                 bo < ao + asz and ao < bo + bsz
                 for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)

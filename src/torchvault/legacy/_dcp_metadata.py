@@ -29,6 +29,8 @@ from ._unpickler import Building, Global
 
 METADATA = ".metadata"
 MAX_DIMS = 64
+MAX_DEPTH = 100  # nesting of the loaded state, as the legacy reader bounds it (_finish.py)
+MAX_CHUNKS = 1 << 16  # per tensor: one per rank that holds a shard of it
 # a relative_path DCP writes (``__0_0.distcp``, a prefix of the caller's): a plain name in
 # the folder, never a path; checked before any file is opened
 FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._\-]{0,254}")
@@ -249,8 +251,8 @@ def _entry(path: str, key: str, obj: object) -> TensorEntry | BytesEntry:
     if not fits_int64(shape, dtype.itemsize):
         raise _bad(path, f"{key!r:.80} has shape {list(shape)}, too large for any tensor")
     chunks = fields.get("chunks")
-    if type(chunks) is not list:
-        raise _bad(path, f"the chunks of {key!r:.80} are not a list")
+    if type(chunks) is not list or len(chunks) > MAX_CHUNKS:
+        raise _bad(path, f"the chunks of {key!r:.80} are not a list of up to {MAX_CHUNKS}")
     made = []
     for chunk in chunks:
         box = _fields(path, chunk, "ChunkStorageMetadata", {"offsets", "sizes"})
@@ -313,10 +315,16 @@ def _paths(
     if planner is None:
         return None
     if type(planner) is not dict or not all(
-        type(k) is str and type(v) is tuple and v and all(type(p) in (str, int) for p in v)
+        type(k) is str
+        and type(v) is tuple
+        and 0 < len(v) <= MAX_DEPTH  # every later walk of the nested state recurses per level
+        and all(type(p) in (str, int) for p in v)
         for k, v in planner.items()
     ):
-        raise _bad(path, "planner_data is not a map from keys to paths of names and indices")
+        raise _bad(
+            path,
+            f"planner_data is not a map from keys to paths (up to {MAX_DEPTH} names and indices)",
+        )
     if set(planner) != set(entries):
         return None
     return dict(planner)
