@@ -1,5 +1,6 @@
 """Where ``tv.load``, ``tv.load_into`` and ``tv.inspect`` (``_open``) hand over what is not a
-torchvault or safetensors file: torch.save files and Hugging Face model folders.
+torchvault or safetensors file: torch.save files, Hugging Face model folders and
+torch.distributed.checkpoint folders.
 
 ``load_file`` and ``verify_file`` read a file this package meets itself (a model folder's
 shard, a ``convert`` source) with the reader ``tv.load`` would choose: ours for a torch.save
@@ -16,6 +17,7 @@ from .._file import _gc_paused, load_native, verify_native
 from .._placement import Where, check
 from .._report import CheckpointInfo, TensorInfo, VerifyReport
 from .._tree import flatten
+from . import _dcp
 from ._hf import load_folder
 from ._reader import Session, is_foreign, open_mapped, read, sniff
 from ._zip import ZipArchive
@@ -25,7 +27,9 @@ __all__ = ["inspect", "is_foreign", "load", "load_file", "verify", "verify_file"
 
 def load(path: str | os.PathLike[str], *, map_location: Where = "cpu") -> object:
     """A torch.save file through the restricted reader, or a model folder's state dict."""
-    name = os.fspath(path)
+    name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)
+    if os.path.isdir(name) and _dcp.is_dcp_folder(name):
+        return _dcp.load(name, map_location=map_location)
     if os.path.isdir(name):
         return load_folder(name, map_location=map_location)
     name, data = open_mapped(name)
@@ -35,7 +39,9 @@ def load(path: str | os.PathLike[str], *, map_location: Where = "cpu") -> object
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """A full read of a torch.save file (every CRC) or of every shard of a model folder."""
-    name = os.fspath(path)
+    name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)
+    if os.path.isdir(name) and _dcp.is_dcp_folder(name):
+        return _dcp.verify(name)
     if os.path.isdir(name):
         reports = [verify_file(os.path.join(name, f)) for f in _weight_files(name)]
         return VerifyReport(
@@ -72,7 +78,9 @@ def _weight_files(folder: str) -> list[str]:
 
 def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Describe a torch.save file or a model folder (tensors are mapped, not read)."""
-    name = os.fspath(path)
+    name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)
+    if os.path.isdir(name) and _dcp.is_dcp_folder(name):
+        return _dcp.inspect(name)
     if os.path.isdir(name):
         obj: object = load_folder(name)
         kind, size = "hf-folder", _folder_bytes(name)

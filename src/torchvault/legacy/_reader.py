@@ -276,7 +276,9 @@ def open_mapped(path: str | os.PathLike[str]) -> tuple[str, mmap.mmap | bytes]:
 def is_foreign(path: str | os.PathLike[str]) -> bool:
     """True for a model folder or a torch.save file: what ``tv.load`` hands to this package."""
     if os.path.isdir(path):
-        return is_model_folder(os.fspath(path))
+        from ._dcp import is_dcp_folder  # imports this module
+
+        return is_model_folder(os.fspath(path)) or is_dcp_folder(os.fspath(path))
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False  # the native reader reports it, without opening a pipe
@@ -335,8 +337,9 @@ def read(session: Session, data: mmap.mmap | bytes, *, scan: bool = False) -> ob
     if kind == "pickle" and os.path.basename(session.path) == ".metadata" and not scan:
         raise UnsupportedFormatError(
             f"{session.path}: is the metadata of a torch.distributed.checkpoint folder, a raw "
-            "pickle that DCP itself loads with pickle.load (it can run code). torchvault does "
-            "not read it; load the checkpoint with DCP only if you trust its source.",
+            "pickle that DCP itself loads with pickle.load (it can run code), not a torch.save "
+            "file. Read the whole checkpoint without running anything with tv.load(folder), "
+            "tv.inspect(folder) or tv.convert(folder, ...).",
             path=session.path,
         )
     if kind == "pickle":
@@ -427,12 +430,13 @@ def _read_zip(session: Session, archive: ZipArchive) -> object:
     return obj
 
 
-def bytes_tensor(data: mmap.mmap | bytes, start: int, size: int) -> torch.Tensor:
+def bytes_tensor(data: mmap.mmap | bytes | memoryview, start: int, size: int) -> torch.Tensor:
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
     tensor = torch.frombuffer(data, dtype=torch.uint8, count=size, offset=start)
-    # a crafted file can misalign storages; keep every dtype view aligned
-    return tensor if start % 16 == 0 else tensor.clone()
+    # a crafted file can misalign storages, and an archive inside a DCP file starts anywhere
+    # in it; keep every dtype view aligned (the address, not the offset, decides)
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
 
 
 def _read_pickles(session: Session, data: mmap.mmap | bytes) -> object:

@@ -8,15 +8,19 @@ kept as inert stubs so that the whole stream is walked and every name reported.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from collections import Counter
+from typing import cast
 
 from .. import _args
 from .._file import _gc_paused
 from .._report import GlobalRef, ScanReport
-from ..errors import CheckpointNotFoundError, TorchVaultError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, TorchVaultError
 from ..run._store import RUN_FILE
+from . import _dcp
+from ._dcp_metadata import parse
 from ._foreign import verify_file
 from ._reader import Session, kind_of, open_mapped, read, sniff
 
@@ -81,7 +85,8 @@ def _scan_folder(folder: str) -> ScanReport:
     run = os.path.isfile(os.path.join(folder, RUN_FILE))
     refs = tuple(GlobalRef(n, allowed[n], c) for n, c in sorted(counts.items()))
     files = tuple(f for r in reports for f in r.files)
-    kind = "run" if run else "hf-folder" if hf else "folder"
+    dcp = _dcp.is_dcp_folder(folder)
+    kind = "run" if run else "hf-folder" if hf else "dcp" if dcp else "folder"
     return ScanReport(folder, kind, refs, tuple(anomalies), files)
 
 
@@ -141,6 +146,10 @@ def _scan_file(name: str) -> ScanReport:
     except TorchVaultError as exc:
         return ScanReport(name, "unknown", anomalies=(exc.message,), files=(name,))
     kind = sniff(data)
+    if kind == "pickle" and os.path.basename(name) == _dcp.METADATA:
+        return _scan_dcp_metadata(name, data)
+    if name.endswith(".distcp") and _dcp.is_dcp_folder(os.path.dirname(name)):
+        return _scan_dcp_data(name)
     if kind == "zip":
         from ..export._pt2 import is_program, scan_program  # export imports legacy
 
@@ -158,6 +167,55 @@ def _scan_file(name: str) -> ScanReport:
     anomalies = [*session.anomalies, *anomalies]
     refs = tuple(GlobalRef(g, g not in session.refused, n) for g, n in sorted(session.seen.items()))
     return ScanReport(name, session.format, refs, tuple(anomalies), (name,))
+
+
+def _scan_dcp_metadata(name: str, data: mmap.mmap | bytes) -> ScanReport:
+    """DCP's metadata pickle, read with DCP's allowlist (its metadata classes) as loading
+    reads it; what the records hold is checked too, as loading checks it."""
+    session = _dcp.dcp_session(name, permissive=True)
+    anomalies = []
+    try:
+        with _gc_paused():
+            obj = read(session, data, scan=True)
+        if not session.refused:
+            parse(name, obj)
+    except TorchVaultError as exc:
+        anomalies.append(exc.message)
+    refs = tuple(GlobalRef(g, g not in session.refused, n) for g, n in sorted(session.seen.items()))
+    return ScanReport(name, "dcp-metadata", refs, (*session.anomalies, *anomalies), (name,))
+
+
+def _scan_dcp_data(name: str) -> ScanReport:
+    """A ``.distcp`` file: each torch.save archive in it, at the byte ranges the folder's
+    metadata gives (the file as a whole is no archive)."""
+    folder = os.path.dirname(name)
+    try:
+        meta = _dcp.read_metadata(folder)
+    except TorchVaultError as exc:
+        return ScanReport(name, "dcp-data", anomalies=(exc.message,), files=(name,))
+    _, data = open_mapped(name)
+    seen: Counter[str] = Counter()
+    refused: set[str] = set()
+    anomalies: list[str] = []
+    for (key, _), where in meta.locations.items():
+        if where.file != os.path.basename(name):
+            continue
+        session = Session(name, permissive=True)
+        try:
+            if where.offset + where.length > len(data):
+                raise CorruptCheckpointError(f"{name}: {key!r:.80} is past the end", path=name)
+            with _gc_paused():
+                read(
+                    session,
+                    cast("bytes", memoryview(data)[where.offset : where.offset + where.length]),
+                )
+        except TorchVaultError as exc:
+            anomalies.append(f"item {key!r:.80}: {exc.message}")
+        seen.update(session.seen)
+        refused |= session.refused
+        anomalies += session.anomalies
+    refs = tuple(GlobalRef(g, g not in refused, n) for g, n in sorted(seen.items()))
+    return ScanReport(name, "dcp-data", refs, tuple(anomalies), (name,))
 
 
 def _scan_native(name: str) -> ScanReport:

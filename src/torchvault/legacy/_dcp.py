@@ -1,0 +1,446 @@
+"""Existing torch.distributed.checkpoint (DCP) folders, read in one process without
+unpickling anything.
+
+Two layouts are read:
+
+* ``FileSystemWriter`` folders: a ``.metadata`` pickle (read by :mod:`._dcp_metadata`) and
+  ``__R_I.distcp`` files in which every item is a ``torch.save`` archive at a byte range the
+  metadata records; each is read by the restricted legacy reader, its zip CRCs checked;
+* ``HuggingFaceStorageWriter(save_distributed=True)`` folders: ``shard-*.safetensors`` files
+  whose ``DCP_SHARDING_INFO`` metadata gives each tensor's offsets in the global tensor
+  (without ``save_distributed`` the writer makes an ordinary Hugging Face folder).
+
+Every tensor comes back whole: its chunks must tile the global shape exactly (no overlap, no
+gap, nothing out of bounds) or the read fails naming the file and key. Tensors are assembled
+one at a time; a tensor saved as one chunk is that chunk's tensor, not a copy. Keys are
+nested as DCP flattened them when the metadata records the mapping (``planner_data``, which
+``dcp.save``'s default planner writes); otherwise they stay flat, dotted as DCP wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+
+from .._file import _gc_paused
+from .._placement import MapLocation, Where
+from .._report import CheckpointInfo, TensorInfo, VerifyReport
+from ..errors import (
+    CorruptCheckpointError,
+    TorchVaultError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+)
+from ._dcp_metadata import (
+    METADATA as METADATA,
+)
+from ._dcp_metadata import (
+    BytesEntry,
+    Chunk,
+    DcpMetadata,
+    Location,
+    Offsets,
+    PathPart,
+    TensorEntry,
+    parse,
+    table,
+)
+from ._reader import Session, kind_of, open_mapped, read, sniff
+
+MAX_METADATA_BYTES = 1 << 30
+HF_SHARD = re.compile(r"shard-[0-9]+-model-[0-9]+-of-[0-9]+\.safetensors")
+SHARDING_INFO = "DCP_SHARDING_INFO"
+
+
+def is_dcp_folder(folder: str) -> bool:
+    """A FileSystemWriter folder (a ``.metadata`` pickle) or a distributed
+    HuggingFaceStorageWriter folder (``shard-*-model-*.safetensors`` files)."""
+    meta = os.path.join(folder, METADATA)
+    if os.path.isfile(meta):
+        with open(meta, "rb") as file:
+            return kind_of(file.read(512), os.fstat(file.fileno()).st_size) == "pickle"
+    return any(HF_SHARD.fullmatch(n) for n in _names(folder))
+
+
+def _names(folder: str) -> list[str]:
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        return []
+
+
+# -- the .metadata pickle ------------------------------------------------------------------
+
+
+def read_metadata(folder: str) -> DcpMetadata:
+    """The checked metadata of a FileSystemWriter folder.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names a global other than DCP's metadata classes.
+        CorruptCheckpointError: malformed, or a field of the wrong type or value.
+    """
+    path = os.path.join(folder, METADATA)
+    name, data = open_mapped(path)
+    if len(data) > MAX_METADATA_BYTES:
+        raise CorruptCheckpointError(f"{name}: the metadata is over 1 GiB", path=name)
+    session = dcp_session(name)
+    with _gc_paused():
+        obj = read(session, data, scan=True)  # scan: it is a .metadata, read by our table
+    return parse(name, obj)
+
+
+def dcp_session(path: str, *, permissive: bool = False) -> Session:
+    """A legacy reader session whose allowlist is DCP's metadata classes alone."""
+    session = Session(path, permissive=permissive)
+    session.table = table()
+    return session
+
+
+# -- FileSystemWriter folders --------------------------------------------------------------
+
+
+class _Folder:
+    """One read of a FileSystemWriter folder: its metadata and its data files, mapped once."""
+
+    def __init__(self, folder: str, map_location: Where = "cpu") -> None:
+        self.folder = folder
+        self.meta = read_metadata(folder)
+        self.map_location = map_location
+        self.files: dict[str, Any] = {}
+        self.crcs = True
+
+    def data(self, key: str, where: Location) -> memoryview:
+        path = os.path.join(self.folder, where.file)
+        if where.transforms:
+            raise UnsupportedFormatError(
+                f"{path}: {key!r:.80} was written through DCP extensions {list(where.transforms)} "
+                "(compression?); torchvault reads items stored as plain torch.save archives",
+                path=path,
+            )
+        mapped = self.files.get(where.file)
+        if mapped is None:
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    raise CorruptCheckpointError(f"{path}: not a regular file", path=path)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(
+                    f"{path}: missing; the metadata stores {key!r:.80} in it", path=path
+                ) from None
+            mapped = open_mapped(path)[1]
+            self.files[where.file] = mapped
+        if where.offset + where.length > len(mapped):
+            raise CorruptCheckpointError(
+                f"{path}: {key!r:.80} is at bytes {where.offset}-{where.offset + where.length}, "
+                f"past the end of the file ({len(mapped)} bytes)",
+                path=path,
+            )
+        return memoryview(mapped)[where.offset : where.offset + where.length]
+
+    def item(self, key: str, where: Location) -> object:
+        """One torch.save archive of the folder, read by the restricted legacy reader."""
+        path = os.path.join(self.folder, where.file)
+        data = self.data(key, where)
+        session = Session(path, map_location=self.map_location)
+        try:
+            with _gc_paused():  # the reader takes any buffer; a slice keeps it zero-copy
+                obj = read(session, cast("bytes", data))
+        except TorchVaultError as exc:
+            raise _about(exc, path, key) from exc
+        self.crcs = self.crcs and sniff(cast("bytes", data)) == "zip"
+        return obj
+
+    def location(self, key: str, offsets: Offsets | None) -> Location:
+        where = self.meta.locations.get((key, offsets))
+        if where is None:
+            raise CorruptCheckpointError(
+                f"{self.folder}: {key!r:.80} (chunk at {offsets}) has no location in the metadata",
+                path=os.path.join(self.folder, METADATA),
+            )
+        return where
+
+    def tensor(self, key: str, entry: TensorEntry) -> torch.Tensor:
+        check_tiling(os.path.join(self.folder, METADATA), key, entry)
+        parts = []
+        for chunk in entry.chunks:
+            where = self.location(key, chunk.offsets)
+            value = self.item(key, where)
+            path = os.path.join(self.folder, where.file)
+            parts.append((chunk, _chunk_tensor(path, key, value, entry, chunk)))
+        return assemble(key, entry, parts)
+
+    def value(self, key: str, entry: TensorEntry | BytesEntry) -> object:
+        if isinstance(entry, TensorEntry):
+            return self.tensor(key, entry)
+        return self.item(key, self.location(key, None))
+
+    def flat(self) -> Iterator[tuple[str, object]]:
+        for key, entry in self.meta.entries.items():
+            yield key, self.value(key, entry)
+
+
+def _about(exc: TorchVaultError, path: str, key: str) -> TorchVaultError:
+    """``exc`` naming the data file and the key whose bytes it came from."""
+    message = f"{path}: item {key!r:.80}: {exc.message.removeprefix(path + ': ')}"
+    if isinstance(exc, UnsafeCheckpointError):
+        return UnsafeCheckpointError(message, global_name=exc.global_name, path=path)
+    return type(exc)(message, path=path)
+
+
+def _chunk_tensor(
+    path: str, key: str, value: object, entry: TensorEntry, chunk: Chunk
+) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise CorruptCheckpointError(
+            f"{path}: item {key!r:.80} holds a {type(value).__name__}, not a tensor chunk",
+            path=path,
+        )
+    if value.dtype != entry.dtype or tuple(value.shape) != chunk.sizes:
+        raise CorruptCheckpointError(
+            f"{path}: the chunk of {key!r:.80} at {list(chunk.offsets)} is "
+            f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}; the metadata "
+            f"says {str(entry.dtype).removeprefix('torch.')} {list(chunk.sizes)}",
+            path=path,
+        )
+    return value
+
+
+def check_tiling(path: str, key: str, entry: TensorEntry) -> None:
+    """The chunks of ``entry`` cover its shape exactly once (else CorruptCheckpointError)."""
+    shape = entry.shape
+    total = 0
+    for chunk in entry.chunks:
+        if len(chunk.offsets) != len(shape) or len(chunk.sizes) != len(shape):
+            raise _tiling(path, key, f"a chunk at {list(chunk.offsets)} has another rank")
+        if any(o + s > n for o, s, n in zip(chunk.offsets, chunk.sizes, shape, strict=True)):
+            raise _tiling(
+                path, key, f"the chunk at {list(chunk.offsets)} of size {list(chunk.sizes)} "
+                f"reaches past the shape {list(shape)}"
+            )  # fmt: skip
+        total += math.prod(chunk.sizes)
+    # in bounds, pairwise disjoint and as many elements as the tensor: an exact tiling
+    boxes = [c for c in entry.chunks if 0 not in c.sizes]
+    # sweep along the dim the chunks are cut most along, so a sharding does not cost n**2
+    d = max(range(len(shape)), key=lambda i: len({c.offsets[i] for c in boxes}), default=0)
+    boxes.sort(key=lambda c: c.offsets[d] if shape else 0)
+    for i, a in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j]
+            if shape and b.offsets[d] >= a.offsets[d] + a.sizes[d]:
+                break  # no later chunk starts before a ends along d
+            if all(
+                bo < ao + asz and ao < bo + bsz
+                for ao, asz, bo, bsz in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
+            ):
+                raise _tiling(
+                    path, key, f"chunks at {list(a.offsets)} and {list(b.offsets)} overlap"
+                )
+    numel: int = math.prod(shape)
+    if total != numel or not entry.chunks:
+        raise _tiling(
+            path, key, f"the chunks hold {total} elements, the shape {list(shape)} "
+            f"{numel}: they leave a gap"
+        )  # fmt: skip
+
+
+def _tiling(path: str, key: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: the chunks of {key!r:.80} do not tile the tensor: {what}", path=path
+    )
+
+
+def assemble(key: str, entry: TensorEntry, parts: list[tuple[Chunk, torch.Tensor]]) -> torch.Tensor:
+    """The global tensor from checked chunks: the chunk itself when it is the whole tensor."""
+    if len(parts) == 1 and parts[0][1].shape == entry.shape:
+        return parts[0][1]
+    device = parts[0][1].device if parts else torch.device("cpu")
+    whole = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+    for chunk, tensor in parts:
+        view = whole
+        for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
+            view = view.narrow(dim, start, size)
+        view.copy_(tensor)
+    return whole
+
+
+def nest(
+    flat: dict[str, object], paths: dict[str, tuple[PathPart, ...]] | None, path: str
+) -> object:
+    """The state as DCP's flatten mapping nests it (lists where the indices are 0..n-1),
+    or ``flat`` when there is no mapping."""
+    if paths is None:
+        return flat
+    root: dict[PathPart, Any] = {}
+    for key, value in flat.items():
+        node = root
+        parts = paths[key]
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if type(child) is not dict:
+                raise _conflict(path, key)
+            node = child
+        if parts[-1] in node:
+            raise _conflict(path, key)
+        node[parts[-1]] = value
+    return _lists(root)
+
+
+def _conflict(path: str, key: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: planner_data puts {key!r:.80} where another key already is", path=path
+    )
+
+
+def _lists(node: object) -> object:
+    if type(node) is not dict:
+        return node
+    items = {k: _lists(v) for k, v in node.items()}
+    if items and all(type(k) is int for k in items) and sorted(items) == list(range(len(items))):
+        return [items[i] for i in range(len(items))]
+    return items
+
+
+# -- HuggingFaceStorageWriter(save_distributed=True) folders -------------------------------
+
+
+def _hf_shards(
+    folder: str, map_location: Where
+) -> Iterator[tuple[str, dict[str, torch.Tensor], dict[str, Any]]]:
+    from .._contents import open_file
+    from .._file import load_native
+    from .._placement import check
+
+    for name in _names(folder):
+        if not HF_SHARD.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        header = open_file(path)[0].header
+        raw = header.metadata.get(SHARDING_INFO)
+        try:
+            info = json.loads(raw) if raw is not None else {}
+        except ValueError:
+            info = None
+        placement = check(cast("MapLocation", map_location))
+        tensors = load_native(path, placement, lazy=False, verify=True, restore_dtype=False)
+        if not isinstance(info, dict) or not isinstance(tensors, dict):
+            raise CorruptCheckpointError(f"{path}: {SHARDING_INFO} is not a map", path=path)
+        yield path, tensors, info
+
+
+def _hf_load(folder: str, map_location: Where = "cpu") -> dict[str, torch.Tensor]:
+    chunks: dict[str, list[tuple[Chunk, torch.Tensor, str]]] = {}
+    for path, tensors, info in _hf_shards(folder, map_location):
+        for key, tensor in tensors.items():
+            record = info.get(key, {"saved_offsets": [0] * tensor.dim()})
+            offsets = record.get("saved_offsets") if isinstance(record, dict) else None
+            if not (
+                isinstance(offsets, list)
+                and len(offsets) == tensor.dim()
+                and all(type(o) is int and 0 <= o < 2**63 for o in offsets)
+            ):
+                raise CorruptCheckpointError(
+                    f"{path}: {SHARDING_INFO} has no offsets for {key!r:.80}", path=path
+                )
+            chunks.setdefault(key, []).append(
+                (Chunk(tuple(offsets), tuple(tensor.shape)), tensor, path)
+            )
+    state = {}
+    for key, parts in chunks.items():
+        dtypes = {t.dtype for _, t, _ in parts}
+        path = parts[0][2]
+        shape = tuple(max(c.offsets[d] + c.sizes[d] for c, _, _ in parts)
+                      for d in range(len(parts[0][0].sizes)))  # fmt: skip
+        if len(dtypes) != 1:
+            raise CorruptCheckpointError(
+                f"{path}: the chunks of {key!r:.80} differ in dtype", path=path
+            )
+        entry = TensorEntry(dtypes.pop(), shape, tuple(c for c, _, _ in parts))
+        check_tiling(path, key, entry)
+        state[key] = assemble(key, entry, [(c, t) for c, t, _ in parts])
+    return state
+
+
+# -- the API the dispatch calls ------------------------------------------------------------
+
+
+def load(folder: str, *, map_location: Where = "cpu") -> object:
+    """The whole, unsharded state of a DCP folder."""
+    if not os.path.isfile(os.path.join(folder, METADATA)):
+        return _hf_load(folder, map_location)
+    reader = _Folder(folder, map_location)
+    return nest(dict(reader.flat()), reader.meta.paths, os.path.join(folder, METADATA))
+
+
+def verify(folder: str) -> VerifyReport:
+    """Every item read (every zip CRC checked) and every tensor's chunks tiled."""
+    if not os.path.isfile(os.path.join(folder, METADATA)):
+        state = _hf_load(folder)
+        size = sum(
+            os.path.getsize(os.path.join(folder, n))
+            for n in _names(folder)
+            if HF_SHARD.fullmatch(n)
+        )
+        return VerifyReport(folder, len(state), size, False)
+    reader = _Folder(folder)
+    tensors = sum(isinstance(v, torch.Tensor) for _, v in reader.flat())
+    checked = sum(len(m) for m in reader.files.values())
+    return VerifyReport(folder, tensors, checked, reader.crcs and bool(reader.files))
+
+
+def inspect(folder: str) -> CheckpointInfo:
+    """Keys, dtypes and global shapes from the metadata alone (no tensor data read)."""
+    if not os.path.isfile(os.path.join(folder, METADATA)):
+        state = _hf_load(folder)
+        infos = tuple(_info(k, t.dtype, tuple(t.shape)) for k, t in state.items())
+        return _checkpoint_info(folder, "dcp-hf", infos)
+    meta = read_metadata(folder)
+    shaped = {k: e for k, e in meta.entries.items() if isinstance(e, TensorEntry)}
+    names = _nested_names(meta)
+    infos = tuple(_info(names[k], e.dtype, e.shape) for k, e in shaped.items())
+    return _checkpoint_info(folder, "dcp", infos)
+
+
+def _nested_names(meta: DcpMetadata) -> dict[str, str]:
+    """Each flat key's dotted path in the loaded (nested) state, as ``tv.inspect`` names it."""
+    from .._tree import flatten
+
+    marks = {key: _Mark(key) for key in meta.entries}
+    tree = nest(dict(marks), meta.paths, METADATA)
+    return {mark.key: name for name, mark in flatten(tree) if isinstance(mark, _Mark)}
+
+
+class _Mark:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _info(key: str, dtype: torch.dtype, shape: Offsets) -> TensorInfo:
+    return TensorInfo(
+        key, str(dtype).removeprefix("torch."), shape, math.prod(shape) * dtype.itemsize
+    )
+
+
+def _checkpoint_info(folder: str, kind: str, infos: tuple[TensorInfo, ...]) -> CheckpointInfo:
+    size = sum(
+        os.path.getsize(os.path.join(folder, n))
+        for n in _names(folder)
+        if os.path.isfile(os.path.join(folder, n))
+    )
+    return CheckpointInfo(
+        path=folder, format=kind, format_version=None, tensors=infos, file_bytes=size,
+        metadata={}, versions={}, created=None,
+    )  # fmt: skip
+
+
+def folder_of(path: str) -> str | None:
+    """The DCP folder when ``path`` is its ``.metadata`` file, else None."""
+    if os.path.basename(path) == METADATA and os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        return folder if is_dcp_folder(folder) else None
+    return None
