@@ -1,0 +1,129 @@
+"""Mistakes a new user made after issue 10, each a test: a wrong argument is a TypeError or
+ValueError naming it, a wrong file a torchvault error naming the file, and nothing is silently
+wrong (an argument read for its truthiness, a step reference misread)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchvault as tv
+from torchvault.cli import main
+from torchvault.errors import TorchVaultError
+
+
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+def test_a_manager_on_a_file_is_a_torchvault_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "model.tv").write_bytes(b"x")
+    with pytest.raises(TorchVaultError, match=r"model\.tv is a file, not a run folder") as info:
+        tv.CheckpointManager(tmp_path / "model.tv")
+    assert info.value.path == str(tmp_path / "model.tv")
+    assert (tmp_path / "model.tv").read_bytes() == b"x"
+
+
+def test_a_manager_under_a_file_is_a_torchvault_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "model.tv").write_bytes(b"x")
+    with pytest.raises(TorchVaultError, match=r"model\.tv") as info:
+        tv.CheckpointManager(tmp_path / "model.tv" / "run")
+    assert info.value.path is not None
+
+
+@pytest.mark.parametrize("ref", ["best", "latest"])
+def test_manager_export_program_takes_best_and_latest_as_load_does(
+    tmp_path: Path, ref: str
+) -> None:
+    model = net()
+    with tv.CheckpointManager(tmp_path / "run", monitor="loss") as mgr:
+        mgr.save(1, model=model, metrics={"loss": 0.1})
+        mgr.save(2, model=model, metrics={"loss": 0.5})
+        mgr.export_program(ref, model, (torch.zeros(1, 4),), validate=False)
+    want = 1 if ref == "best" else 2
+    assert tv.load_program(tmp_path / "run", step=want) is not None
+
+
+@pytest.mark.parametrize("step", ["bestt", 1.0, None])
+def test_manager_export_program_names_a_wrong_step(tmp_path: Path, step: object) -> None:
+    with tv.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, model=net())
+        with pytest.raises((TypeError, ValueError), match=r"\bstep\b"):
+            mgr.export_program(step, net(), (torch.zeros(1, 4),), validate=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_async_save_must_be_a_bool(tmp_path: Path, value: object) -> None:
+    # "no" is truthy: read for its truthiness it would switch async saving on
+    with pytest.raises(TypeError, match=r"async_save must be True or False"):
+        tv.CheckpointManager(tmp_path / "run", async_save=value)  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_prune_dry_run_must_be_a_bool(tmp_path: Path, value: object) -> None:
+    with tv.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, model=net())
+        with pytest.raises(TypeError, match=r"dry_run must be True or False"):
+            mgr.prune(dry_run=value)  # type: ignore[arg-type]
+
+
+def test_restore_checks_strict_before_reading_the_checkpoint(tmp_path: Path) -> None:
+    with tv.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, other=net())
+        # the targets differ from the saved items: a mismatch, but strict itself is wrong
+        with pytest.raises(TypeError, match=r"strict must be True or False"):
+            mgr.restore(model=net(), strict="no")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_convert_salvage_must_be_a_bool(tmp_path: Path) -> None:
+    tv.save(net(), tmp_path / "m.tv")
+    with pytest.raises(TypeError, match=r"salvage must be True or False"):
+        tv.convert(tmp_path / "m.tv", tmp_path / "o.tv", salvage="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("metadata", [{1: "a"}, {"epoch": 3}])
+def test_bad_metadata_is_a_plain_argument_error_not_a_file_error(
+    tmp_path: Path, metadata: dict[object, object]
+) -> None:
+    # a torchvault error means the file; metadata is the caller's argument
+    with pytest.raises(TypeError, match=r"\bmetadata\b") as info:
+        tv.save(net(), tmp_path / "m.tv", metadata=metadata)  # type: ignore[arg-type]
+    assert not isinstance(info.value, TorchVaultError)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--rtol", "-1"), ("--atol", "nan"), ("--rtol", "inf")]
+)
+@pytest.mark.parametrize("kind", ["onnx", "program"])
+def test_cli_export_refuses_a_bad_tolerance_as_a_usage_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
+    flag: str,
+    value: str,
+) -> None:
+    (tmp_path / "nets_for_review_test.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Linear(4, 2)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["export", kind, "--model", "nets_for_review_test:make", "--input-shape", "1,4"]
+    code = main([*argv, flag, value, str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert flag in err
+    assert "internal error" not in err
+    assert not (tmp_path / "out").exists()
