@@ -127,3 +127,68 @@ def test_cli_export_refuses_a_bad_tolerance_as_a_usage_error(
     assert flag in err
     assert "internal error" not in err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- load_into
+
+
+class Old(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Linear(3, 3)
+        self.head = torch.nn.Linear(3, 1)
+
+
+class New(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Linear(3, 3)
+        self.head = torch.nn.Linear(3, 1)
+
+
+def _wrapped(kind: str) -> torch.nn.Module:
+    new = New()
+    if kind == "plain":
+        return new
+    if kind == "dataparallel":
+        return torch.nn.DataParallel(new)
+    return torch.compile(new)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("target", ["plain", "dataparallel", "compiled"])
+@pytest.mark.parametrize("rename", [{"features.": "backbone."}, {"module.features.": "backbone."}])
+def test_rename_on_a_dataparallel_file_works_for_every_wrapper_of_the_model(
+    tmp_path: Path, target: str, rename: dict[str, str]
+) -> None:
+    torch.manual_seed(0)
+    old = Old()
+    tv.save(torch.nn.DataParallel(old).state_dict(), tmp_path / "dp.tv")
+    model = _wrapped(target)
+    report = tv.load_into(model, tmp_path / "dp.tv", rename=rename)
+    assert report.ok
+    assert torch.equal(model.state_dict()[report.loaded[0]], old.features.weight)
+    moved = {r.source: r.target for r in report.renamed}
+    assert moved["module.features.weight"] == report.loaded[0]
+    assert report.loaded[0].endswith("backbone.weight")
+
+
+def test_load_into_with_map_location_meta_names_map_location(tmp_path: Path) -> None:
+    tv.save(net(), tmp_path / "m.tv")
+    with pytest.raises(ValueError, match=r"\bmap_location\b"):
+        tv.load_into(net(), tmp_path / "m.tv", map_location="meta")
+
+
+@pytest.mark.parametrize("kind", ["module", "state dict"])
+def test_load_into_from_meta_tensors_names_source(kind: str) -> None:
+    source: object = net().to("meta")
+    if kind == "state dict":
+        source = source.state_dict()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"\bsource\b.*meta"):
+        tv.load_into(net(), source)  # type: ignore[arg-type]
+
+
+def test_load_into_a_meta_module_is_refused_not_reported_loaded(tmp_path: Path) -> None:
+    # copying into a meta tensor is a no-op: a report saying "loaded" would be a lie
+    tv.save(net(), tmp_path / "m.tv")
+    with pytest.raises(ValueError, match=r"\bmodule\b.*meta.*to_empty"):
+        tv.load_into(net().to("meta"), tmp_path / "m.tv")
