@@ -192,3 +192,32 @@ def test_load_into_a_meta_module_is_refused_not_reported_loaded(tmp_path: Path) 
     tv.save(net(), tmp_path / "m.tv")
     with pytest.raises(ValueError, match=r"\bmodule\b.*meta.*to_empty"):
         tv.load_into(net().to("meta"), tmp_path / "m.tv")
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_cli_run_at_step_without_a_run_is_a_usage_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main([command, "@1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "'@1'" in err
+    assert "RUN@STEP" in err
+
+
+@pytest.mark.parametrize("spec", ["@1", "RUN@x"])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_diff_names_the_side_whose_run_at_step_is_malformed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str, side: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with tv.CheckpointManager(tmp_path / "RUN") as mgr:
+        mgr.save(1, model=net())
+    tv.save(net(), tmp_path / "m.tv")
+    sides = {"a": "m.tv", "b": "m.tv", side: spec}
+    with pytest.raises(ValueError, match=rf"^{side} "):
+        tv.diff(**sides)
