@@ -208,8 +208,7 @@ TABLE: dict[str, Spec | str] = {
     ),
     "load_program": Spec(
         lambda e, kw: tv.load_program(**_with(e, kw, path=e.root / "model.pt2")),
-        {"path": READ_PATHS},
-        "step: only read with a run folder",
+        {"path": READ_PATHS, "step": STEPS.filter(lambda v: v is not None)},
     ),
     "export_program": Spec(
         lambda e, kw: tv.export_program(

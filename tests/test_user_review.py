@@ -221,3 +221,24 @@ def test_diff_names_the_side_whose_run_at_step_is_malformed(
     sides = {"a": "m.tv", "b": "m.tv", side: spec}
     with pytest.raises(ValueError, match=rf"^{side} "):
         tv.diff(**sides)
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+def test_load_program_step_0_is_step_0_never_the_latest(tmp_path: Path) -> None:
+    model = net()
+    with tv.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(0, model=model)
+        mgr.save(1, model=model)
+        mgr.export_program(1, model, (torch.zeros(1, 4),), validate=False)
+    # step 0 has no program: asking for it must say so, not hand over step 1's
+    with pytest.raises(tv.CheckpointNotFoundError, match=r"step 0 of .* has no program"):
+        tv.load_program(tmp_path / "run", step=0)
+
+
+@pytest.mark.parametrize("step", [3, "best", 1.5])
+def test_load_program_of_a_file_with_a_step_names_step(tmp_path: Path, step: object) -> None:
+    tv.export_program(net(), (torch.zeros(1, 4),), tmp_path / "p.pt2", validate=False)
+    with pytest.raises((TypeError, ValueError), match=r"\bstep\b"):
+        tv.load_program(tmp_path / "p.pt2", step=step)  # type: ignore[arg-type]
