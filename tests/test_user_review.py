@@ -242,3 +242,14 @@ def test_load_program_of_a_file_with_a_step_names_step(tmp_path: Path, step: obj
     tv.export_program(net(), (torch.zeros(1, 4),), tmp_path / "p.pt2", validate=False)
     with pytest.raises((TypeError, ValueError), match=r"\bstep\b"):
         tv.load_program(tmp_path / "p.pt2", step=step)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_tensor_is_unsupported_naming_its_place(tmp_path: Path, layout: object) -> None:
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=layout)
+    with pytest.raises(tv.UnsupportedTypeError, match=r"`batch\.x` is a .*[nN]ested.*unbind"):
+        tv.save({"batch": {"x": nested}}, tmp_path / "n.tv")
+    assert not (tmp_path / "n.tv").exists()
