@@ -4,6 +4,8 @@ wrong (an argument read for its truthiness, a step reference misread)."""
 
 from __future__ import annotations
 
+import gzip
+import io
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,30 @@ def test_a_nested_tensor_is_unsupported_naming_its_place(tmp_path: Path, layout:
     with pytest.raises(tv.UnsupportedTypeError, match=r"`batch\.x` is a .*[nN]ested.*unbind"):
         tv.save({"batch": {"x": nested}}, tmp_path / "n.tv")
     assert not (tmp_path / "n.tv").exists()
+
+
+# ----------------------------------------------------------------------------- file objects
+
+
+@pytest.mark.parametrize("kind", ["bytesio", "file"])
+def test_saving_over_longer_content_of_a_file_object_leaves_a_loadable_checkpoint(
+    tmp_path: Path, kind: str
+) -> None:
+    # save(state, f) after f.seek(0) overwrites, as open(..., "wb") would: stale bytes left
+    # after the checkpoint would make every later load refuse it
+    model = net()
+    handle = io.BytesIO() if kind == "bytesio" else open(tmp_path / "f.bin", "w+b")  # noqa: SIM115
+    with handle:
+        handle.write(b"x" * 100_000)
+        handle.seek(0)
+        report = tv.save(model, handle)
+        assert handle.tell() == report.file_bytes
+        handle.seek(0)
+        state = tv.load(handle)
+    assert torch.equal(state["0.weight"], model[0].weight)
+
+
+def test_a_stream_that_cannot_seek_back_is_a_value_error_naming_path(tmp_path: Path) -> None:
+    handle = gzip.open(tmp_path / "m.tv.gz", "wb")  # noqa: SIM115
+    with handle, pytest.raises(ValueError, match=r"`path` .*seek back.*BytesIO"):
+        tv.save(net(), handle)
