@@ -3,9 +3,9 @@
 Matching runs in three steps: the caller's ``rename`` rules and the wrapper prefixes that
 DataParallel/DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``) add,
 reconciled in whichever direction makes the keys meet (the rules are tried on the keys as
-saved and on the keys with the wrapper prefix reconciled, and the form that matches more of
-the module's keys wins, so a rule written for the model's own names works on a
-DataParallel file), then a key-by-key comparison of shapes and dtypes. Nothing is copied
+saved, in the module's wrapper form and on the bare layer names, and the form that matches
+the most module keys wins, so a rule written for the layer names works whatever wraps the
+file and the model), then a key-by-key comparison of shapes and dtypes. Nothing is copied
 until the comparison passes (or ``strict=False``).
 """
 
