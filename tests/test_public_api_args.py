@@ -204,13 +204,12 @@ TABLE: dict[str, Spec | str] = {
     "scan": Spec(lambda e, kw: tv.scan(**_with(e, kw, path=e.pt_file)), {"path": READ_PATHS}),
     "convert": Spec(
         lambda e, kw: tv.convert(**_with(e, kw, source=e.pt_file, destination=e.out("c.tv"))),
-        {"source": READ_PATHS, "destination": PATHS, "to": SOME},
+        {"source": READ_PATHS, "destination": PATHS, "to": SOME, "salvage": FLAGS},
         "max_shard_size: read only for to='hf' (its parsing is convert's own)",
     ),
     "load_program": Spec(
         lambda e, kw: tv.load_program(**_with(e, kw, path=e.root / "model.pt2")),
-        {"path": READ_PATHS},
-        "step: only read with a run folder",
+        {"path": READ_PATHS, "step": STEPS.filter(lambda v: v is not None)},
     ),
     "export_program": Spec(
         lambda e, kw: tv.export_program(
@@ -264,8 +263,9 @@ TABLE: dict[str, Spec | str] = {
             "keep_every": POSITIVES,
             "mode": JUNK,
             "policy": st.one_of(st.integers(), st.builds(Opaque), st.text(max_size=3)),
+            "async_save": FLAGS,
         },
-        "monitor: any name; async_save: truthiness",
+        "monitor: any name",
     ),
     "CheckpointManager.save": Spec(
         _manager_call("save", step=lambda e: 10, model=lambda e: e.model),
@@ -284,8 +284,18 @@ TABLE: dict[str, Spec | str] = {
         {"step": STEPS, "path": PATHS},
     ),
     "CheckpointManager.metrics": Spec(_manager_call("metrics", step=lambda e: 1), {"step": STEPS}),
-    "CheckpointManager.prune": "dry_run only: a flag read for its truthiness",
-    "CheckpointManager.export_program": "options: checked as tv.export_program (above)",
+    "CheckpointManager.prune": Spec(_manager_call("prune"), {"dry_run": FLAGS}),
+    "CheckpointManager.export_program": Spec(
+        _manager_call(
+            "export_program",
+            step=lambda e: 1,
+            model=lambda e: e.model,
+            example_inputs=lambda e: e.x,
+            validate=lambda e: False,
+        ),
+        {"step": STEPS},
+        "options: checked as tv.export_program (above)",
+    ),
     "retention.KeepLast": Spec(lambda e, kw: retention.KeepLast(**kw), {"n": POSITIVES}),
     "retention.KeepEvery": Spec(lambda e, kw: retention.KeepEvery(**kw), {"n": POSITIVES}),
     "retention.KeepBest": Spec(

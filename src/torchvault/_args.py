@@ -12,8 +12,6 @@ import os
 import re
 from collections.abc import Mapping
 
-from .errors import UnsupportedTypeError
-
 # a URL scheme of two or more letters (one letter before ":" is a Windows drive), then ":/":
 # pathlib folds "s3://bucket" into "s3:/bucket", which must not become a local folder "s3:"
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+:/")
@@ -61,8 +59,8 @@ def metadata(value: object) -> dict[str, str] | None:
     """``metadata=``: ``None`` or a mapping of ``str`` to ``str``.
 
     Raises:
-        UnsupportedTypeError: (a ``TypeError``) naming the first key or value that is not
-            a ``str``.
+        TypeError: naming the first key or value that is not a ``str`` (a plain one: it is
+            the caller's argument, and a torchvault error means the file).
     """
     if value is None:
         return None
@@ -72,16 +70,14 @@ def metadata(value: object) -> dict[str, str] | None:
         )
     for key, item in value.items():
         if not isinstance(key, str):
-            raise UnsupportedTypeError(
+            raise TypeError(
                 f"metadata keys must be str; key {key!r:.40} is {type(key).__name__}. "
-                "Convert it with str().",
-                key=str(key),
+                "Convert it with str()."
             )
         if not isinstance(item, str):
-            raise UnsupportedTypeError(
+            raise TypeError(
                 f"metadata values must be str; metadata[{key!r:.40}] is "
-                f"{type(item).__name__}. Convert it with str() or json.dumps().",
-                key=key,
+                f"{type(item).__name__}. Convert it with str() or json.dumps()."
             )
     return dict(value)
 

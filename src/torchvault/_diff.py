@@ -73,7 +73,7 @@ def diff(
         TypeError: ``a`` or ``b`` is not a path, ``atol`` is not a number, or ``item`` is
             not a str.
         ValueError: a negative or non-finite ``atol``; a ``RUN@STEP`` whose step is not a
-            step.
+            step, or without a run (naming ``a`` or ``b``).
         CheckpointNotFoundError: a side does not exist, or lacks the step or ``item``.
         CorruptCheckpointError: a side is damaged; the message names the file.
 
@@ -88,9 +88,19 @@ def diff(
         raise ValueError(f"`atol` must be a finite number >= 0, got {atol!r}")
     if item is not None and not isinstance(item, str):
         raise TypeError(f"`item` must be an item name (a str) or None, got {type(item).__name__}")
+    _check_spec(a, "a")
+    _check_spec(b, "b")
     side_a, tree_a = open_side(a, item)
     side_b, tree_b = open_side(b, item)
     return diff_trees(side_a, tree_a, side_b, tree_b, atol=float(atol))
+
+
+def _check_spec(spec: str, name: str) -> None:
+    """A malformed ``RUN@STEP`` is the caller's argument: name it, before anything is read."""
+    try:
+        parse_source(spec)
+    except ValueError as exc:
+        raise ValueError(f"{name} {exc}") from None
 
 
 def open_side(spec: str, item: str | None = None) -> tuple[DiffSide, object]:

@@ -34,6 +34,7 @@ from ._report import CheckpointInfo, SaveReport, TensorInfo, VerifyReport
 from ._stored import Storing
 from ._tensors import TensorPlan
 from ._version import __version__
+from .errors import TorchVaultError
 
 PathLike = str | os.PathLike[str]
 _S = TypeVar("_S")
@@ -110,7 +111,7 @@ def save(
         members = _members(tree, plan, len(blobs), metadata) | storing.member()
         header = _format.build_header(blobs, members)
     if not _source.is_path(path):
-        size = _write(_source.whole_writes(cast(BinaryIO, path)), header, blobs)
+        size = _write_stream(cast(BinaryIO, path), header, blobs)
         return SaveReport(_source.display_name(path), size, count, tuple(storing.report))
     with atomic_file(cast(PathLike, path)) as handle:
         size = _write(handle, header, blobs)
@@ -131,6 +132,34 @@ def _is_quantized(module: torch.nn.Module, dtype: object, quantize: object) -> b
                 f"int8 weights are stored as they are. Drop `{name}`, or save the float model."
             )
     return True
+
+
+def _write_stream(target: BinaryIO, header: bytes, blobs: list[_format.Blob]) -> int:
+    """:func:`_write` to a caller's file object, which then ends after the checkpoint (as
+    ``open(..., "wb")`` would leave it): stale bytes after it would make every load refuse
+    it as padded.
+
+    Raises:
+        ValueError: ``target`` refused an operation without an OS error number: a seek back
+            to the checkpoint's start in a compressed or forward-only stream that claims to
+            seek (an I/O error with an errno propagates as it is).
+    """
+    try:
+        size = _write(_source.whole_writes(target), header, blobs)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, TorchVaultError) or getattr(exc, "errno", None) is not None:
+            raise
+        raise ValueError(
+            f"`path` ({_source.display_name(target)}) refused a write or seek ({exc}): save "
+            "writes the header last, so a file object must seek back to where the checkpoint "
+            "starts, which a compressed stream cannot. Save to an io.BytesIO() and write its "
+            "getvalue() to the stream."
+        ) from exc
+    truncate = getattr(target, "truncate", None)
+    if callable(truncate):
+        with contextlib.suppress(OSError, ValueError):  # a stream that cannot: as it is
+            truncate()
+    return size
 
 
 def _write(handle: BinaryIO, header: bytes, blobs: list[_format.Blob]) -> int:

@@ -3,9 +3,9 @@
 Matching runs in three steps: the caller's ``rename`` rules and the wrapper prefixes that
 DataParallel/DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``) add,
 reconciled in whichever direction makes the keys meet (the rules are tried on the keys as
-saved and on the keys with the wrapper prefix reconciled, and the form that matches more of
-the module's keys wins, so a rule written for the model's own names works on a
-DataParallel file), then a key-by-key comparison of shapes and dtypes. Nothing is copied
+saved, in the module's wrapper form and on the bare layer names, and the form that matches
+the most module keys wins, so a rule written for the layer names works whatever wraps the
+file and the model), then a key-by-key comparison of shapes and dtypes. Nothing is copied
 until the comparison passes (or ``strict=False``).
 """
 
@@ -106,6 +106,9 @@ def load_into(
             f"module; got {type(source).__name__}"
         )
     target = module.state_dict()
+    # a copy from or into a meta tensor (no data) is a no-op or fails deep in torch
+    _check_not_meta(state, "map_location" if file is not None else "source", where)
+    _check_not_meta(target, "module", f"the {type(module).__name__}")
     renamed_source, renamed = _match(state, target, rules)
     report = _compare(renamed_source, target, renamed)
     if strict and not report.ok:
@@ -113,6 +116,20 @@ def load_into(
     loadable = {key: renamed_source[key] for key in report.loaded}
     module.load_state_dict(loadable, strict=False)
     return report
+
+
+def _check_not_meta(state: Mapping[str, torch.Tensor], name: str, where: str) -> None:
+    meta = next((key for key, tensor in state.items() if tensor.is_meta), None)
+    if meta is None:
+        return
+    fix = {
+        "module": "materialize it first (module.to_empty(device='cpu'), then initialize or "
+        "load it)",
+        "map_location": "stage it on a device with data (map_location=None or 'cpu')",
+    }.get(name, "pass a source whose tensors hold data")
+    raise ValueError(
+        f"{name}: {where} has meta tensors ({meta!r:.60}), which hold no data to copy; {fix}"
+    )
 
 
 def _check_whole(strict: bool, rename: object) -> None:
@@ -197,20 +214,56 @@ _RENAME = (
 def _match(
     source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], rules: Rules
 ) -> tuple[dict[str, torch.Tensor], list[RenamedKey]]:
-    """The source keys renamed to meet the target's: the rules on the keys as saved, then
-    wrapper prefixes reconciled; or the prefixes reconciled first, then the rules."""
+    """The source keys renamed to meet the target's.
+
+    Without rules, the wrapper prefixes are reconciled when that matches more keys. With
+    rules, they are tried on the keys as saved, on the keys in the module's wrapper form and
+    on the bare names (no wrapper prefix), each result then put in the module's form; the
+    form that matches the most module keys wins (ties: the keys as saved). So a rule written
+    for the bare layer names, or for the names as saved, works whatever wraps the file and
+    the module (DataParallel/DDP, torch.compile).
+    """
     renamed_source, renamed = _apply_rules(source, rules)
     renamed_source, auto = _reconcile_wrappers(renamed_source, target)
     have, want = _wrapper_prefix(source), _wrapper_prefix(target)
-    if not rules or have == want or not source:
+    if not rules or not source or not (have or want):
         return renamed_source, _compose(renamed, auto)
-    moved = {want + key[len(have) :]: value for key, value in source.items()}
-    alt_source, alt_renamed = _apply_rules(moved, rules)
-    if len(alt_source.keys() & target.keys()) <= len(renamed_source.keys() & target.keys()):
-        return renamed_source, _compose(renamed, auto)
-    reason = _describe(have, want)
-    wrapped = [RenamedKey(key, want + key[len(have) :], reason) for key in source]
-    return alt_source, _compose(wrapped, alt_renamed)
+    best, best_renamed = renamed_source, _compose(renamed, auto)
+    for form in dict.fromkeys((have, want, "")):
+        try:
+            candidate, moves = _in_form(source, rules, have, form, want)
+        except ValueError:  # two keys meet in this form only: another form may fit
+            continue
+        if len(candidate.keys() & target.keys()) > len(best.keys() & target.keys()):
+            best, best_renamed = candidate, moves
+    return best, best_renamed
+
+
+def _in_form(
+    source: Mapping[str, torch.Tensor], rules: Rules, have: str, form: str, want: str
+) -> tuple[dict[str, torch.Tensor], list[RenamedKey]]:
+    """``rules`` applied to the source keys with their wrapper prefix ``have`` replaced by
+    ``form``, each result then given the module's prefix ``want``: a key the rule left in
+    ``form`` gets ``want`` in its place, one it moved out of any wrapper gets ``want`` added."""
+    out: dict[str, torch.Tensor] = {}
+    renamed: list[RenamedKey] = []
+    wrapper = _describe(have, want) if have != want else ""
+    for key, value in source.items():
+        ruled = _rename_one(form + key[len(have) :], rules)
+        if ruled.startswith(form) and (form or not want or not ruled.startswith(want)):
+            new = want + ruled[len(form) :]
+        elif want and ruled.startswith(want):
+            new = ruled
+        else:
+            new = want + ruled
+        if new in out:
+            raise ValueError(f"rename maps two keys to {new!r}")
+        out[new] = value
+        if new != key:
+            by_rule = ruled != form + key[len(have) :]
+            reason = "; ".join(r for r in ("rename rule" if by_rule else "", wrapper) if r)
+            renamed.append(RenamedKey(key, new, reason or f"wrapper prefix '{have}' -> '{want}'"))
+    return out, renamed
 
 
 def _compose(first: list[RenamedKey], then: list[RenamedKey]) -> list[RenamedKey]:

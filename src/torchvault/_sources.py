@@ -69,12 +69,15 @@ def parse_source(spec: str) -> tuple[str, StepRef | None]:
     ``RUN@latest``; anything else (a Hugging Face folder too) is taken as a file path.
 
     Raises:
-        ValueError: ``RUN@STEP`` of an existing folder whose ``STEP`` is not a step.
+        ValueError: ``RUN@STEP`` of an existing folder whose ``STEP`` is not a step, or
+            ``@STEP`` without a run.
     """
     if os.path.isfile(spec):
         return spec, None
     if "@" in spec:
         run, _, ref = spec.rpartition("@")
+        if not run:  # "@1" would open the current folder's parent name "" as a run
+            raise ValueError(f"{spec!r}: the run folder before '@' is missing; write RUN@STEP")
         try:
             return run, parse_step(ref)
         except ValueError as exc:

@@ -149,7 +149,9 @@ def _tensor_entry(tensor: torch.Tensor, path: str) -> dict[str, Any]:
     name = _dtypes.DTYPE_NAMES.get(tensor.dtype)
     device = tensor.device
     problem = None
-    if tensor.layout != torch.strided:
+    if tensor.is_nested:  # its layout may say strided, and its shape raises deep in torch
+        problem = "a nested tensor; save its components (`list(t.unbind())`) instead"
+    elif tensor.layout != torch.strided:
         problem = f"a {tensor.layout} tensor; convert it with `.to_dense()` first"
     elif device.type == "meta":
         problem = "a meta tensor, which has no data; materialize it before saving"

@@ -168,6 +168,8 @@ def _unsupported_message(obj: object, path: str) -> str:
         hint = "save its `.state_dict()` instead (tv.save(module, path) does this at the top level)"
     elif hasattr(obj, "state_dict") and callable(obj.state_dict):
         hint = "save its `.state_dict()` instead"
+    elif isinstance(obj, torch.Tensor) and obj.is_nested:
+        hint = "save its components (`list(t.unbind())`) instead"
     elif isinstance(obj, torch.Tensor):
         hint = (
             "convert it to a plain tensor first (for example `.full_tensor()` or `.dequantize()`)"

@@ -37,7 +37,7 @@ from ..run._store import RunStore
 from ._commands import JSON, Argument, command, print_json
 from ._exit import ExitCode, UsageError, one_line
 from ._progress import Progress
-from ._runs import open_run, resolve, step_argument
+from ._runs import open_run, resolve, step_argument, tolerance
 
 DEPLOY_EXPORTS = {"onnx": "export-onnx", "program": "export-program"}
 SPOKEN = {command: f"export {kind}" for kind, command in DEPLOY_EXPORTS.items()}
@@ -122,8 +122,9 @@ EXPORT_ARGUMENTS = (
     *MODEL_ARGUMENTS,
     Argument(("out",), {"metavar": "OUT", "help": "the file to write"}),
     Argument(("--dynamic-batch",), {"action": "store_true", "help": "make dim 0 dynamic"}),
-    Argument(("--rtol",), {"type": float, "default": None, "help": "relative tolerance"}),
-    Argument(("--atol",), {"type": float, "default": None, "help": "absolute tolerance"}),
+    # checked by argparse: a negative or non-finite tolerance is a usage error, not internal
+    Argument(("--rtol",), {"type": tolerance, "default": None, "help": "relative tolerance"}),
+    Argument(("--atol",), {"type": tolerance, "default": None, "help": "absolute tolerance"}),
     JSON,
 )
 QUANTIZE_ARGUMENTS = (

@@ -447,8 +447,16 @@ def _not_a_checkpoint(name: str, data: bytes | mmap.mmap) -> None:
 
 def _program_file(path: str | os.PathLike[str], step: StepRef | None) -> str:
     """The file ``path`` and ``step`` name: ``path`` itself, or a run's program of ``step``."""
-    if step is None and not os.path.isdir(path):
-        return os.fspath(path)
+    if step is not None:
+        _args.step(step, refs=True)  # checked before any file is read
+    if not os.path.isdir(path):
+        if step is None:
+            return os.fspath(path)
+        if os.path.isfile(path):  # never read a step the file cannot have as ignored
+            raise ValueError(
+                f"step={step!r} applies to a run folder, and {os.fspath(path)} is a file; "
+                "drop step to load this program"
+            )
     store = RunStore(path)
     if not store.exists():
         raise CheckpointNotFoundError(
@@ -458,7 +466,7 @@ def _program_file(path: str | os.PathLike[str], step: StepRef | None) -> str:
         )
     if isinstance(step, int) and program_path(store.root, step).is_file():
         return str(program_path(store.root, step))  # kept even if its checkpoint was pruned
-    chosen = resolve(store, step or "latest")
+    chosen = resolve(store, "latest" if step is None else step)  # step 0 is a step
     if chosen is None:
         raise CheckpointNotFoundError(f"{store.root} has no checkpoint yet.", path=store.root)
     file = program_path(store.root, chosen)

@@ -100,6 +100,7 @@ def convert(
         >>> tv.convert("model.tv", "model.pt")  # torch.load(..., weights_only=True) reads it
     """
     source, destination = _args.path(source, "source"), _args.path(destination, "destination")
+    salvage = _args.flag(salvage, "salvage")
     target = resolve_target(destination, to=to, max_shard_size=max_shard_size)
     src, dst = os.fspath(source), Path(destination)
     if salvage:

@@ -116,6 +116,7 @@ class CheckpointManager:
         async_save: bool = False,
     ) -> None:
         self._closed = True  # until the lock is held: a failed __init__ has nothing to close
+        async_save = _args.flag(async_save, "async_save")  # "no" must not switch it on
         if not isinstance(directory, Storage):  # refuse a URL before any folder is made
             directory = _args.path(directory, "directory", also=" or a torchvault Storage")
         self._policy = retention.from_arguments(
@@ -315,6 +316,7 @@ class CheckpointManager:
     def prune(self, *, dry_run: bool = False) -> list[int]:
         """Apply the retention policy now; return the steps deleted (or that would be)."""
         self._check_open()
+        dry_run = _args.flag(dry_run, "dry_run")  # read for its truthiness, "no" would delete
         self._wait()
         return self._prune(dry_run=dry_run)
 
@@ -400,6 +402,7 @@ class CheckpointManager:
                 needs a generator on the same kind of device), or a bad ``step``.
         """
         self._check_open()
+        strict = _args.flag(strict, "strict")  # an argument is checked before the run is read
         self._wait()
         step = self._resolve(step)
         _placement.check(map_location)  # a wrong one fails now, also when the run is empty
@@ -447,11 +450,18 @@ class CheckpointManager:
         export(self._store, self._resolve(step), path, item=item)
 
     def export_program(
-        self, step: int, model: torch.nn.Module, example_inputs: Any, **options: Any
+        self, step: StepRef, model: torch.nn.Module, example_inputs: Any, **options: Any
     ) -> ExportReport:
         """Attach a torch.export program of ``model`` to committed checkpoint ``step``: it runs
         without the model's class (``tv.load_program(run, step=...)``) and is deleted with
         the checkpoint. Options and report as :func:`torchvault.export_program`.
+
+        Args:
+            step: ``"latest"``, ``"best"`` or a committed step number, as :meth:`load` takes.
+
+        Raises:
+            CheckpointNotFoundError: no such step; ``"best"`` when no metric defines one.
+            TypeError, ValueError: ``step`` is not a step reference.
 
         Example:
             >>> mgr.export_program(mgr.best_step, model, (x,), dynamic_shapes="batch")
@@ -462,13 +472,15 @@ class CheckpointManager:
 
         self._check_open()
         self._wait()
-        if step not in self._records:
+        resolved = self._resolve(step)  # "best" and "latest" as load() and export() take them
+        number = self._latest() if resolved == "latest" else resolved
+        if not isinstance(number, int) or number not in self._records:
             raise CheckpointNotFoundError(
                 f"step {step} is not committed in {self._store.root}; export a committed step "
                 f"({self.steps})",
                 path=str(self._store.root),
             )
-        path = program_path(self._store.root, step)
+        path = program_path(self._store.root, number)
         make_dirs(path.parent)
         with held_run(self._store.root):  # this manager holds the run's lock already
             return export_program(model, example_inputs, path, **options)

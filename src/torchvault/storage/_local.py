@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .. import _commit
+from ..errors import UnsupportedFormatError
 from ._lock import RunLock
 
 
@@ -85,7 +86,18 @@ class LocalStorage:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise UnsupportedFormatError(
+                f"{self.root} is a file, not a run folder: a CheckpointManager writes a folder "
+                "of checkpoints. Pass a folder path; tv.load reads a checkpoint file.",
+                path=str(self.root),
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file on the way, a read-only parent: name the folder
+            raise _commit.write_error(
+                self.root, exc, "create the run folder", "Nothing was created."
+            ) from exc
         held = RunLock(self.root / "lock")
         try:
             yield
