@@ -24,7 +24,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
@@ -412,22 +412,38 @@ def seal_header(raw: bytes, checksums: list[str]) -> bytes:
     return prefix + body[: len(PREFIX)] + digest + body[cut:]
 
 
-def write_blobs(handle: BinaryIO, blobs: list[Blob]) -> list[str]:
-    """Stream every blob's bytes to ``handle`` (no whole-file buffer); return their checksums."""
+class Deferred(NamedTuple):
+    """A tensor known by its dtype and shape, made by ``read`` only when its bytes are
+    written: a file whose tensors do not all fit in memory at once is written from these."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+def write_blobs(handle: BinaryIO, blobs: Iterable[Blob]) -> list[str]:
+    """Stream every blob's bytes to ``handle`` (no whole-file buffer); return their checksums.
+
+    ``blobs`` may be a generator that makes each tensor only as it is asked for: each blob
+    is let go once written, so only one such tensor is alive at a time.
+    """
     sums = []
     for blob in blobs:
-        flat = flat_bytes(blob.source)
-        if flat.device.type == "cpu" and flat.numel() <= CHUNK:
-            view = byte_view(flat)
-            sums.append(hash_bytes(view))
-            handle.write(view)
-            continue
-        hasher = xxhash.xxh3_128()
-        for piece in _chunks(flat):
-            hasher.update(piece)
-            handle.write(piece)
-        sums.append(hasher.hexdigest())
+        sums.append(_write_one(handle, flat_bytes(blob.source)))
+        del blob  # the generator makes the next tensor before the loop rebinds this name
     return sums
+
+
+def _write_one(handle: BinaryIO, flat: torch.Tensor) -> str:
+    if flat.device.type == "cpu" and flat.numel() <= CHUNK:
+        view = byte_view(flat)
+        handle.write(view)
+        return hash_bytes(view)
+    hasher = xxhash.xxh3_128()
+    for piece in _chunks(flat):
+        hasher.update(piece)
+        handle.write(piece)
+    return hasher.hexdigest()
 
 
 def flat_bytes(source: torch.Tensor) -> torch.Tensor:

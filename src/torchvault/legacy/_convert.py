@@ -11,6 +11,7 @@ overlap are written as separate copies. Nothing is silently dropped.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections import OrderedDict
@@ -23,10 +24,11 @@ import torch
 from .. import _args
 from .._commit import atomic_file
 from .._file import save
+from .._format import Deferred
 from .._report import ConvertReport
 from .._tree import flatten
 from ..errors import UnsupportedTypeError
-from ._foreign import load_file
+from ._foreign import deferred, load_file
 from ._hf import metadata, write_folder, write_safetensors
 
 Target = Literal["tv", "torchvault", "safetensors", "hf", "torch"]
@@ -109,6 +111,10 @@ def convert(
         salvaged = load_legacy(source, salvage=True)
         report = _convert(salvaged.state_dict, src, dst, target, max_shard_size)
         return dataclasses.replace(report, classes=salvaged.classes, unsafe=salvaged.unsafe)
+    if target in ("safetensors", "hf"):
+        streamed = deferred(source)
+        if streamed is not None:  # a DCP folder: one tensor in memory at a time
+            return _write_tensors(streamed, {}, src, dst, target, max_shard_size)
     return _convert(load_file(source), src, dst, target, max_shard_size)
 
 
@@ -126,13 +132,25 @@ def _convert(
         pairs = tuple(sorted(aliases.items()))
         return ConvertReport(src, str(dst), target, len(unique), nbytes, pairs, (str(dst),))
     unique, aliases = _dedup(_state_dict(obj, src))
+    return _write_tensors(unique, aliases, src, dst, target, max_shard_size)
+
+
+def _write_tensors(
+    unique: Mapping[str, torch.Tensor | Deferred],
+    aliases: dict[str, str],
+    src: str,
+    dst: Path,
+    target: str,
+    max_shard_size: int | str | None,
+) -> ConvertReport:
+    """Write a flat state dict as one safetensors file or a Hugging Face folder."""
     if target == "safetensors":
         nbytes = write_safetensors(dst, unique, metadata(unique, aliases))
         files = [dst]
     else:
         shard = parse_size(DEFAULT_SHARD_SIZE if max_shard_size is None else max_shard_size)
         files = write_folder(dst, unique, aliases, shard)
-        nbytes = sum(t.numel() * t.element_size() for t in unique.values())
+        nbytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in unique.values())
     return ConvertReport(
         src,
         str(dst),

@@ -19,17 +19,19 @@ nested as DCP flattened them when the metadata records the mapping (``planner_da
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 import torch
 
 from .._file import _gc_paused
+from .._format import Deferred
 from .._placement import MapLocation, Where
 from .._report import CheckpointInfo, TensorInfo, VerifyReport
 from ..errors import (
@@ -166,14 +168,16 @@ class _Folder:
         return where
 
     def tensor(self, key: str, entry: TensorEntry) -> torch.Tensor:
+        """One global tensor, its chunks read one at a time and copied into place."""
         check_tiling(os.path.join(self.folder, METADATA), key, entry)
-        parts = []
+        return assemble(key, entry, self._chunks(key, entry))
+
+    def _chunks(self, key: str, entry: TensorEntry) -> Iterator[tuple[Chunk, torch.Tensor]]:
         for chunk in entry.chunks:
             where = self.location(key, chunk.offsets)
             value = self.item(key, where)
             path = os.path.join(self.folder, where.file)
-            parts.append((chunk, _chunk_tensor(path, key, value, entry, chunk)))
-        return assemble(key, entry, parts)
+            yield chunk, _chunk_tensor(path, key, value, entry, chunk)
 
     def value(self, key: str, entry: TensorEntry | BytesEntry) -> object:
         if isinstance(entry, TensorEntry):
@@ -255,17 +259,25 @@ def _tiling(path: str, key: str, what: str) -> CorruptCheckpointError:
     )
 
 
-def assemble(key: str, entry: TensorEntry, parts: list[tuple[Chunk, torch.Tensor]]) -> torch.Tensor:
-    """The global tensor from checked chunks: the chunk itself when it is the whole tensor."""
-    if len(parts) == 1 and parts[0][1].shape == entry.shape:
-        return parts[0][1]
-    device = parts[0][1].device if parts else torch.device("cpu")
-    whole = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+def assemble(
+    key: str, entry: TensorEntry, parts: Iterable[tuple[Chunk, torch.Tensor]]
+) -> torch.Tensor:
+    """The global tensor from checked chunks that tile it: the chunk itself when it is the
+    whole tensor. ``parts`` may make each chunk as it is asked for: each is let go once
+    copied, so the peak is the tensor and one chunk."""
+    whole: torch.Tensor | None = None
     for chunk, tensor in parts:
+        if len(entry.chunks) == 1 and tensor.shape == entry.shape:
+            return tensor
+        if whole is None:
+            whole = torch.empty(entry.shape, dtype=entry.dtype, device=tensor.device)
         view = whole
         for dim, (start, size) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
             view = view.narrow(dim, start, size)
         view.copy_(tensor)
+        del tensor  # the generator reads the next chunk before the loop rebinds this name
+    if whole is None:
+        return torch.empty(entry.shape, dtype=entry.dtype)
     return whole
 
 
@@ -375,6 +387,40 @@ def load(folder: str, *, map_location: Where = "cpu") -> object:
         return _hf_load(folder, map_location)
     reader = _Folder(folder, map_location)
     return nest(dict(reader.flat()), reader.meta.paths, os.path.join(folder, METADATA))
+
+
+def deferred(folder: str) -> dict[str, Deferred] | None:
+    """A FileSystemWriter folder as the flat state dict :func:`load` would give, each tensor
+    read and assembled only when asked for, so a writer holds one at a time; None when the
+    folder is not such a dict (nested state, a value that is not a tensor, or a distributed
+    Hugging Face layout, whose shards are read whole).
+
+    Every chunk layout is checked first, from the metadata alone, so a bad one fails
+    before anything is written.
+
+    Raises:
+        CorruptCheckpointError, UnsafeCheckpointError: as :func:`load`.
+    """
+    if not os.path.isfile(os.path.join(folder, METADATA)):
+        return None
+    reader = _Folder(folder)
+    meta = reader.meta
+    names = {key: (meta.paths or {}).get(key, (key,)) for key in meta.entries}
+    if not all(isinstance(e, TensorEntry) for e in meta.entries.values()) or not all(
+        len(path) == 1 and type(path[0]) is str for path in names.values()
+    ):
+        return None
+    plan: dict[str, Deferred] = {}
+    for key, entry in meta.entries.items():
+        entry = cast("TensorEntry", entry)
+        check_tiling(os.path.join(folder, METADATA), key, entry)
+        name = cast("str", names[key][0])
+        if name in plan:
+            raise _conflict(os.path.join(folder, METADATA), key)
+        plan[name] = Deferred(
+            entry.dtype, entry.shape, functools.partial(reader.tensor, key, entry)
+        )
+    return plan
 
 
 def verify(folder: str) -> VerifyReport:

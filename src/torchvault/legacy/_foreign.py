@@ -14,6 +14,7 @@ import os
 import torch
 
 from .._file import _gc_paused, load_native, verify_native
+from .._format import Deferred
 from .._placement import Where, check
 from .._report import CheckpointInfo, TensorInfo, VerifyReport
 from .._tree import flatten
@@ -35,6 +36,15 @@ def load(path: str | os.PathLike[str], *, map_location: Where = "cpu") -> object
     name, data = open_mapped(name)
     with _gc_paused():
         return read(Session(name, map_location=map_location), data)
+
+
+def deferred(path: str | os.PathLike[str]) -> dict[str, Deferred] | None:
+    """A DCP folder's flat state dict with each tensor read only when asked for (see
+    :func:`._dcp.deferred`); None for any other source, or a DCP folder that is not one."""
+    name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)
+    if os.path.isdir(name) and _dcp.is_dcp_folder(name):
+        return _dcp.deferred(name)
+    return None
 
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:

@@ -8,10 +8,11 @@ the folder, and each shard must hold exactly the tensors the index assigns to it
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -116,9 +117,13 @@ def _weight_map(index_path: str) -> dict[str, str]:
 
 
 def write_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    path: Path, tensors: Mapping[str, torch.Tensor | _format.Deferred], metadata: dict[str, str]
 ) -> int:
-    """Write a strict, plain safetensors file atomically; return its tensor bytes."""
+    """Write a strict, plain safetensors file atomically; return its tensor bytes.
+
+    A :class:`~torchvault._format.Deferred` tensor is read only when its bytes are written
+    and dropped right after, so the file never needs all its tensors in memory at once.
+    """
     blobs = []
     for name, tensor in tensors.items():
         st_name = _dtypes.SAFETENSORS_NAME.get(tensor.dtype)
@@ -128,16 +133,46 @@ def write_safetensors(
                 "file instead (to='torchvault'), which stores it exactly",
                 key=name,
             )
-        nbytes = tensor.numel() * tensor.element_size()
-        blobs.append(_format.Blob(name, st_name, tuple(tensor.shape), tensor, nbytes))
+        shape = tuple(tensor.shape)
+        nbytes = math.prod(shape) * tensor.dtype.itemsize
+        # a deferred tensor stands in as a meta tensor: the header needs its dtype and shape
+        source = tensor if isinstance(tensor, torch.Tensor) else _meta(tensor)
+        blobs.append(_format.Blob(name, st_name, shape, source, nbytes))
     raw = _format.build_header(blobs, metadata)
     with atomic_file(path) as handle:
         handle.write(struct.pack("<Q", len(raw)) + raw)
-        _format.write_blobs(handle, blobs)
+        _format.write_blobs(handle, _read(path, blobs, tensors))
     return sum(blob.nbytes for blob in blobs)
 
 
-def metadata(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, str]:
+def _meta(tensor: _format.Deferred) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+
+def _read(
+    path: Path, blobs: list[_format.Blob], tensors: Mapping[str, torch.Tensor | _format.Deferred]
+) -> Iterator[_format.Blob]:
+    """The blobs with each deferred tensor read as its turn comes; the header already
+    written is the promise each must keep."""
+    for blob in blobs:
+        tensor = tensors[blob.name]
+        if isinstance(tensor, torch.Tensor):
+            yield blob
+            continue
+        source = tensor.read()
+        if source.dtype != tensor.dtype or tuple(source.shape) != blob.shape:
+            raise CorruptCheckpointError(
+                f"{blob.name}: read as {source.dtype} {list(source.shape)}; the source's "
+                f"index promised {tensor.dtype} {list(blob.shape)}",
+                path=os.fspath(path),
+            )
+        yield blob._replace(source=source)
+        del source  # written: let it go before the next one is read
+
+
+def metadata(
+    tensors: Mapping[str, torch.Tensor | _format.Deferred], aliases: Mapping[str, str]
+) -> dict[str, str]:
     """A plain file's metadata: the format marker transformers checks, and the aliases of
     the tensors this file stores."""
     mine = {alias: stored for alias, stored in aliases.items() if stored in tensors}
@@ -145,14 +180,18 @@ def metadata(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) ->
 
 
 def write_folder(
-    folder: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], max_shard_bytes: int
+    folder: Path,
+    tensors: Mapping[str, torch.Tensor | _format.Deferred],
+    aliases: dict[str, str],
+    max_shard_bytes: int,
 ) -> list[Path]:
-    """Write ``tensors`` as ``model.safetensors`` or shards with an index; return the files."""
+    """Write ``tensors`` as ``model.safetensors`` or shards with an index; return the files.
+    Deferred tensors are read one at a time, as :func:`write_safetensors` writes them."""
     make_dirs(folder)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shards: list[dict[str, torch.Tensor | _format.Deferred]] = [{}]
     size = 0
     for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = math.prod(tensor.shape) * tensor.dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0

@@ -118,6 +118,13 @@ class Session:
         self.storages: dict[str, _allowlist.Storage] = {}
         self._placed: dict[str, torch.Tensor] = {}
 
+    def release(self) -> None:
+        """Let go of the storages this read made. The session is in a reference cycle (its
+        context calls back into it), so without this they would live until the garbage
+        collector runs: a read of one tensor after another would hold all of them."""
+        self.storages.clear()
+        self._placed.clear()
+
     # -- the unpickler's callbacks ------------------------------------------------------
 
     def resolve(self, module: str, name: str) -> object:
@@ -331,6 +338,13 @@ def read(session: Session, data: mmap.mmap | bytes, *, scan: bool = False) -> ob
     ``scan``: the read only lists globals (a permissive session), so DCP's ``.metadata``,
     which loading refuses, is read too.
     """
+    try:
+        return _read(session, data, scan=scan)
+    finally:
+        session.release()
+
+
+def _read(session: Session, data: mmap.mmap | bytes, *, scan: bool) -> object:
     kind = sniff(data)
     if kind == "zip":
         return session.finish(_read_zip(session, ZipArchive(data, session.path)))
