@@ -6,6 +6,7 @@ still appears atomically, whole or not at all."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -68,21 +69,47 @@ def chunked_folder(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return folder
 
 
+def chunked_hf_folder(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A HuggingFaceStorageWriter(save_distributed=True) folder as PIECES ranks leave it: one
+    shard per rank, holding that rank's row chunk of every tensor at the offsets its
+    DCP_SHARDING_INFO metadata gives."""
+    folder.mkdir(parents=True)
+    for rank in range(PIECES):
+        parts, info = {}, {}
+        for key, tensor in tensors.items():
+            part = tensor.chunk(PIECES)[rank]
+            row = sum(p.shape[0] for p in tensor.chunk(PIECES)[:rank])
+            parts[key] = part.clone()
+            info[key] = {"saved_offsets": [row] + [0] * (tensor.dim() - 1)}
+        name = f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"
+        save_file(parts, folder / name, metadata={"DCP_SHARDING_INFO": json.dumps(info)})
+    return folder
+
+
+FOLDERS = {"fs": chunked_folder, "hf": chunked_hf_folder}
+
+
 def weights(count: int, rows: int) -> dict[str, torch.Tensor]:
     """``count`` float32 tensors of ``rows`` x 1024 (4 KiB a row), not all alike."""
     gen = torch.Generator().manual_seed(0)
     return {f"layers.{i}.weight": torch.randn(rows, 1024, generator=gen) for i in range(count)}
 
 
+@pytest.fixture(scope="module", params=sorted(FOLDERS))
+def layout(request: pytest.FixtureRequest) -> str:
+    """FileSystemWriter's ``.metadata`` + ``.distcp`` files, or distributed HF shards."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def big(tmp_path_factory: pytest.TempPathFactory, layout: str) -> Path:
     """8 tensors of 16 MiB, each in 4 chunks: 128 MiB of state."""
-    return chunked_folder(tmp_path_factory.mktemp("dcp") / "big", weights(8, 4096))
+    return FOLDERS[layout](tmp_path_factory.mktemp("dcp") / "big", weights(8, 4096))
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return chunked_folder(tmp_path_factory.mktemp("dcp") / "small", weights(3, 8))
+def small(tmp_path_factory: pytest.TempPathFactory, layout: str) -> Path:
+    return FOLDERS[layout](tmp_path_factory.mktemp("dcp") / "small", weights(3, 8))
 
 
 # The peak of RssAnon (anonymous memory: what assembling tensors allocates; the mapped
@@ -177,7 +204,7 @@ def test_a_streamed_hugging_face_folder_is_sharded_by_size(small: Path, tmp_path
 
 @pytest.mark.parametrize("name", ["model.safetensors", "model-hf"])
 def test_a_corrupt_chunk_of_the_last_tensor_leaves_no_destination(
-    small: Path, tmp_path: Path, name: str
+    tmp_path: Path, name: str
 ) -> None:
     folder = tmp_path / "src"
     chunked_folder(folder, weights(3, 8))
@@ -197,7 +224,7 @@ def test_a_corrupt_chunk_of_the_last_tensor_leaves_no_destination(
     assert {p.name for p in tmp_path.iterdir()} <= {"src", name}  # no temporary file left
 
 
-def test_nested_dcp_state_still_converts_to_a_torchvault_file(small: Path, tmp_path: Path) -> None:
+def test_nested_dcp_state_still_converts_to_a_torchvault_file(tmp_path: Path) -> None:
     # nesting, and values that are not tensors, have no place in safetensors: such a folder
     # takes the whole-state path, and its error is the one any nested source gives
     folder = tmp_path / "nested"

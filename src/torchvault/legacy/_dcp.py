@@ -346,6 +346,16 @@ def _hf_shards(
 
 
 def _hf_load(folder: str, map_location: Where = "cpu") -> dict[str, torch.Tensor]:
+    return {
+        key: assemble(key, entry, parts)
+        for key, (entry, parts) in _hf_entries(folder, map_location).items()
+    }
+
+
+def _hf_entries(
+    folder: str, map_location: Where
+) -> dict[str, tuple[TensorEntry, list[tuple[Chunk, torch.Tensor]]]]:
+    """Each tensor's checked entry and its chunks, as the shards map them (no copy)."""
     chunks: dict[str, list[tuple[Chunk, torch.Tensor, str]]] = {}
     for path, tensors, info in _hf_shards(folder, map_location):
         for key, tensor in tensors.items():
@@ -362,7 +372,7 @@ def _hf_load(folder: str, map_location: Where = "cpu") -> dict[str, torch.Tensor
             chunks.setdefault(key, []).append(
                 (Chunk(tuple(offsets), tuple(tensor.shape)), tensor, path)
             )
-    state = {}
+    entries = {}
     for key, parts in chunks.items():
         dtypes = {t.dtype for _, t, _ in parts}
         path = parts[0][2]
@@ -374,8 +384,8 @@ def _hf_load(folder: str, map_location: Where = "cpu") -> dict[str, torch.Tensor
             )
         entry = TensorEntry(dtypes.pop(), shape, tuple(c for c, _, _ in parts))
         check_tiling(path, key, entry)
-        state[key] = assemble(key, entry, [(c, t) for c, t, _ in parts])
-    return state
+        entries[key] = (entry, [(c, t) for c, t, _ in parts])
+    return entries
 
 
 # -- the API the dispatch calls ------------------------------------------------------------
@@ -390,10 +400,9 @@ def load(folder: str, *, map_location: Where = "cpu") -> object:
 
 
 def deferred(folder: str) -> dict[str, Deferred] | None:
-    """A FileSystemWriter folder as the flat state dict :func:`load` would give, each tensor
-    read and assembled only when asked for, so a writer holds one at a time; None when the
-    folder is not such a dict (nested state, a value that is not a tensor, or a distributed
-    Hugging Face layout, whose shards are read whole).
+    """A DCP folder as the flat state dict :func:`load` would give, each tensor read and
+    assembled only when asked for, so a writer holds one at a time; None when the folder is
+    not such a dict (nested state, or a value that is not a tensor).
 
     Every chunk layout is checked first, from the metadata alone, so a bad one fails
     before anything is written.
@@ -402,7 +411,11 @@ def deferred(folder: str) -> dict[str, Deferred] | None:
         CorruptCheckpointError, UnsafeCheckpointError: as :func:`load`.
     """
     if not os.path.isfile(os.path.join(folder, METADATA)):
-        return None
+        # the shards are mapped, not read: only the assembly of each tensor costs memory
+        return {
+            key: Deferred(entry.dtype, entry.shape, functools.partial(assemble, key, entry, parts))
+            for key, (entry, parts) in _hf_entries(folder, "cpu").items()
+        }
     reader = _Folder(folder)
     meta = reader.meta
     names = {key: (meta.paths or {}).get(key, (key,)) for key in meta.entries}
