@@ -48,41 +48,26 @@ def write(rank: int, world: int, root: str, mib: int, tensors: int) -> None:
 
 
 CHILD = """
-import json, sys, threading, time, warnings
+import json, sys, time, warnings
 warnings.simplefilter("ignore")
 import torch.distributed.checkpoint.format_utils as fu, safetensors.torch, torch
 import torchvault as tv
+sys.path.insert(0, sys.argv[4])
+from bench_file import AnonSampler
 
-def anon():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-
-how, folder, out = sys.argv[1:]
-base = peak = anon()
-done = threading.Event()
-
-def sample():
-    global peak
-    while not done.wait(0.0005):
-        peak = max(peak, anon())
-
-sampler = threading.Thread(target=sample)
-sampler.start()
+how, folder, out = sys.argv[1:4]
 start = time.perf_counter()
-if how == "tv":
-    tv.convert(folder, out)
-else:
-    fu.dcp_to_torch_save(folder, out + ".pt")
-    state = torch.load(out + ".pt", weights_only=True)
-    safetensors.torch.save_file(state, out)
-    with open(out, "rb") as f:
-        import os; os.fsync(f.fileno())
-seconds = time.perf_counter() - start
-done.set()
-sampler.join()
-print(json.dumps({"seconds": seconds, "extra_mib": (max(peak, anon()) - base) / 2**20}))
+with AnonSampler(interval=0.0005) as memory:
+    if how == "tv":
+        tv.convert(folder, out)
+    else:
+        fu.dcp_to_torch_save(folder, out + ".pt")
+        state = torch.load(out + ".pt", weights_only=True)
+        safetensors.torch.save_file(state, out)
+        with open(out, "rb") as f:
+            import os; os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "extra_mib": memory.extra_mib}))
 """
 
 
@@ -91,7 +76,7 @@ def measure(how: str, folder: Path, out: Path) -> dict[str, float]:
     for path in (out, Path(f"{out}.pt")):
         path.unlink(missing_ok=True)
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, how, str(folder), str(out)],
+        [sys.executable, "-c", CHILD, how, str(folder), str(out), str(Path(__file__).parent)],
         capture_output=True, text=True, check=True, env=env,
     )  # fmt: skip
     figures: dict[str, float] = json.loads(done.stdout.splitlines()[-1])

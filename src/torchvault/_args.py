@@ -47,14 +47,6 @@ def path(value: object, name: str = "path", *, also: str = "") -> str:
     return text
 
 
-def is_stream(value: object) -> bool:
-    """True for the in-memory sources and targets ``save``/``load`` take instead of a path:
-    bytes-like objects and file objects (anything with ``read`` or ``write``)."""
-    return isinstance(value, bytes | bytearray | memoryview) or (
-        hasattr(value, "read") or hasattr(value, "write")
-    )
-
-
 def metadata(value: object) -> dict[str, str] | None:
     """``metadata=``: ``None`` or a mapping of ``str`` to ``str``.
 
