@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .. import _dtypes
+from .._chunks import Chunk, Offsets, PathPart, TensorEntry
 from .._format import fits_int64
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from ._unpickler import Building, Global
@@ -48,26 +49,6 @@ _RECORDS = (
 _PATHS = ("pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath",
           "pathlib.PureWindowsPath", "pathlib.Path")  # fmt: skip
 _MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.preserve_format)
-
-Offsets = tuple[int, ...]
-PathPart = str | int
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One saved box of a tensor: where it starts in the global tensor, and its size."""
-
-    offsets: Offsets
-    sizes: Offsets
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """A tensor of the checkpoint: dtype, global shape and the chunks that tile it."""
-
-    dtype: torch.dtype
-    shape: Offsets
-    chunks: tuple[Chunk, ...]
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@ into targets, exporting it, summarizing the run. The CLI and CheckpointManager s
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -18,6 +19,7 @@ from .._report import CheckpointSummary, LoadReport, ResumeReport
 from .._tensors import MapLocation, TensorTable
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreMismatchError
 from . import _rng, retention
+from ._sharded import is_sharded, load_state
 from ._store import RunStore, StoredBlob, blobs_of
 
 StepRef = int | Literal["latest", "best"]
@@ -163,38 +165,65 @@ def read_manifest(
 def load_tree(
     store: RunStore, step: int, map_location: MapLocation = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The manifest of ``step`` and its decoded state, every object verified."""
-    manifest, path, blobs, entries = read_manifest(store, step)
-    with _gc_paused():
-        try:
-            mapped = store.map_objects(blobs)
-            by_digest = {blob.digest: blob for blob in blobs}
-
-            def fetch(entry: Entry) -> torch.Tensor:
-                """Each blob its own memory: equal bytes saved twice must not come back as
-                one tensor (two optimizer ``step`` counters, say)."""
-                tensor = mapped.pop(entry.name, None)
-                if tensor is None:
-                    return store.map_objects([by_digest[entry.name]])[entry.name]
-                return tensor
-
-            table = TensorTable(entries, tuple(b.entry() for b in blobs), fetch, path, map_location)
-            state = _tree.decode(manifest.get("tree"), table.get)
-        except CorruptCheckpointError as exc:
-            raise CorruptCheckpointError(f"{path}: {exc.message}", path=path, key=exc.key) from exc
-        except CheckpointNotFoundError as exc:
-            if step not in store.steps():
-                raise CheckpointNotFoundError(
-                    f"step {step} of {store.root} was pruned while it was being read.", path=path
-                ) from exc
-            raise CorruptCheckpointError(
-                f"{path}: it refers to an object that is missing ({exc.message}); the run "
-                "folder is damaged.",
-                path=path,
-            ) from exc
+    """The manifest of ``step`` and its decoded state, every object verified. A sharded
+    checkpoint comes back whole; one written by ``dcp.save`` directly (not by a manager)
+    has its state's top-level keys as items."""
+    manifest = store.manifest(step)
+    path = str(store.manifest_path(step))
+    with _gc_paused(), _reading(store, step, path):
+        if is_sharded(manifest):
+            state: object = load_state(store, manifest, path, map_location)
+            if isinstance(state, dict) and "items" not in manifest:
+                state = {ITEMS: state}
+        else:
+            state = _decode(store, manifest, path, map_location)
     if not isinstance(state, dict) or not isinstance(state.get(ITEMS), dict):
         raise CorruptCheckpointError(f"{path}: it holds no items.", path=path)
     return manifest, state
+
+
+def _decode(
+    store: RunStore, manifest: dict[str, Any], path: str, map_location: MapLocation
+) -> object:
+    blobs = blobs_of(manifest, path)
+    entries = manifest.get("tensors")
+    if not isinstance(entries, list):
+        raise CorruptCheckpointError(f"{path}: its tensor table is missing.", path=path)
+    mapped = store.map_objects(blobs)
+    by_digest = {blob.digest: blob for blob in blobs}
+
+    def fetch(entry: Entry) -> torch.Tensor:
+        """Each blob its own memory: equal bytes saved twice must not come back as one
+        tensor (two optimizer ``step`` counters, say)."""
+        tensor = mapped.pop(entry.name, None)
+        if tensor is None:
+            return store.map_objects([by_digest[entry.name]])[entry.name]
+        return tensor
+
+    table = TensorTable(entries, tuple(b.entry() for b in blobs), fetch, path, map_location)
+    return _tree.decode(manifest.get("tree"), table.get)
+
+
+@contextlib.contextmanager
+def _reading(store: RunStore, step: int, path: str) -> Iterator[None]:
+    """Errors of a read named for the manifest; a missing object is a pruned step (the
+    writer deleted it meanwhile) or a damaged run."""
+    try:
+        yield
+    except CorruptCheckpointError as exc:
+        if exc.message.startswith(path):
+            raise
+        raise CorruptCheckpointError(f"{path}: {exc.message}", path=path, key=exc.key) from exc
+    except CheckpointNotFoundError as exc:
+        if step not in store.steps():
+            raise CheckpointNotFoundError(
+                f"step {step} of {store.root} was pruned while it was being read.", path=path
+            ) from exc
+        raise CorruptCheckpointError(
+            f"{path}: it refers to an object that is missing ({exc.message}); the run "
+            "folder is damaged.",
+            path=path,
+        ) from exc
 
 
 def restore(
