@@ -39,6 +39,7 @@ from ._version import __version__
 from .errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
+    CollectiveError,
     CorruptCheckpointError,
     ExportError,
     ExportMismatchError,
@@ -68,6 +69,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointSummary",
     "CheckpointWriteError",
+    "CollectiveError",
     "ConvertReport",
     "CorruptCheckpointError",
     "DiffChange",

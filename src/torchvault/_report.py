@@ -179,9 +179,13 @@ class ResumeReport:
         rng: the random generators restored (python, numpy, torch, cuda).
         metrics: the metrics saved with the step.
         metadata: the metadata saved with the step.
-        load_reports: the :class:`LoadReport` of each module item.
+        load_reports: the :class:`LoadReport` of each module item (a checkpoint saved by one
+            process; a sharded one is loaded through torch.distributed.checkpoint, strictly).
         created: ISO-8601 UTC time of the save.
         versions: versions of the writer.
+        resharded_from: the number of ranks that saved a sharded checkpoint, when it differs
+            from the ranks restoring it (tensors were resharded; per-rank random states were
+            not restored); None otherwise.
     """
 
     step: int
@@ -195,6 +199,7 @@ class ResumeReport:
     load_reports: dict[str, LoadReport] = field(default_factory=dict)
     created: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    resharded_from: int | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ would already catch for that kind of failure::
     ├── RestoreMismatchError(RuntimeError)           restore found items without a target
     ├── RunLockedError(RuntimeError)                 another writer holds the run folder
     ├── ManagerClosedError(RuntimeError)             a closed CheckpointManager was used
+    ├── CollectiveError(RuntimeError)                another rank failed, died or timed out
     ├── ExportError(RuntimeError)                    the model could not be exported, checked or run
     ├── ExportMismatchError(RuntimeError)            an exported artifact computes something else
     └── CheckpointWriteError(OSError)                the disk refused a write (ENOSPC, EIO, ...)
@@ -45,6 +46,7 @@ import os
 __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
+    "CollectiveError",
     "CorruptCheckpointError",
     "ExportError",
     "ExportMismatchError",
@@ -130,11 +132,35 @@ class StateDictMismatchError(TorchVaultError, RuntimeError):
 class CheckpointWriteError(TorchVaultError, OSError):
     """Writing a checkpoint failed; nothing was committed and the previous file is intact."""
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str], errno: int | None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str],
+        errno: int | None,
+        ranks: tuple[int, ...] = (),
+    ) -> None:
         TorchVaultError.__init__(self, message, path=path)
         self.errno = errno
+        self.ranks = ranks  # in a multi-rank save: the ranks that failed
         self.strerror = message
         self.filename = self.path
+
+
+class CollectiveError(TorchVaultError, RuntimeError):
+    """A collective checkpoint operation (``CheckpointManager`` under torch.distributed)
+    failed on another rank, or a peer rank died or did not answer within the manager's
+    ``collective_timeout``.
+
+    Attributes:
+        ranks: the ranks that failed or did not answer, when known.
+    """
+
+    def __init__(
+        self, message: str, *, ranks: tuple[int, ...] = (), path: str | None = None
+    ) -> None:
+        super().__init__(message, path=path)
+        self.ranks = ranks
 
 
 class RunLockedError(TorchVaultError, RuntimeError):

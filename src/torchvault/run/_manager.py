@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -54,9 +54,14 @@ from ._readers import (
     pick_best,
     ranking_of,
     readable_ref,
+    resolve,
     restore,
     summarize,
 )
+from ._sharded import is_sharded
+
+if TYPE_CHECKING:
+    from ..distributed._collective import Group
 from ._store import RunStore, blobs_of
 
 _NOTHING = torch.empty(0, dtype=torch.uint8)
@@ -87,6 +92,17 @@ class CheckpointManager:
             best as ``monitor`` does. Without either, the run has no best checkpoint.
         async_save: ``save`` copies the tensors into reused buffers and returns; a background
             thread writes and commits. At most one save is in flight.
+        collective_timeout: under torch.distributed, the seconds a collective of the manager
+            waits for the other ranks before it raises (a peer died or hangs); default 1800,
+            torch.distributed's own default.
+
+    Under torch.distributed (``init_process_group`` done), the manager is **collective**: every
+    rank creates it with the same directory and calls ``save``, ``restore``, ``prune`` and
+    ``close`` together. Modules and optimizers are saved sharded through
+    torch.distributed.checkpoint (each rank writes only its shards; see
+    :mod:`torchvault.distributed`), rank 0 holds the lock and commits once every rank's data is
+    durable, and a checkpoint saved on N ranks restores on M. Every rank sees the same
+    outcome: an error on one rank is raised on all.
 
     Raises:
         RunLockedError: another manager is writing to ``directory`` (or one of this process
@@ -114,9 +130,11 @@ class CheckpointManager:
         mode: str = "min",
         policy: retention.RetentionPolicy | None = None,
         async_save: bool = False,
+        collective_timeout: float | None = None,
     ) -> None:
         self._closed = True  # until the lock is held: a failed __init__ has nothing to close
         async_save = _args.flag(async_save, "async_save")  # "no" must not switch it on
+        timeout = _timeout(collective_timeout)
         if not isinstance(directory, Storage):  # refuse a URL before any folder is made
             directory = _args.path(directory, "directory", also=" or a torchvault Storage")
         self._policy = retention.from_arguments(
@@ -130,6 +148,34 @@ class CheckpointManager:
         self._metric = best_metric(monitor, mode, self._policy)
         self._store = RunStore(directory)
         self._lock = contextlib.ExitStack()
+        self._group: Group | None = None
+        if _collective_active():
+            from ..distributed._collective import Group
+
+            self._group = Group(timeout)  # collective: every rank creates the manager
+            try:
+                self._group.agree(self._open, "opening the run")  # rank 0 locks; all see errors
+            except BaseException:
+                self._group.close()
+                raise
+            if not self._group.coordinator:
+                self._records = {step: self._record(step) for step in self._store.steps()}
+                self._best_ref = readable_ref(self._store, "best")
+        else:
+            self._open()
+        self._closed = False
+        self._async = async_save
+        self._executor = (
+            ThreadPoolExecutor(1, "torchvault-save") if async_save and self._group is None else None
+        )
+        self._pending: Future[None] | None = None
+        self._buffers: list[torch.Tensor] = []
+        self._changed: set[int] = set()  # indices of the blobs the last save found changed
+        self._sharded: tuple[Any, int] | None = None  # a distributed async save: future, step
+
+    def _open(self) -> None:
+        """Take the run's lock and read it: create it, clean leftovers of interrupted saves,
+        repair pointers a crash left stale (the writer, or rank 0 of a collective run)."""
         self._lock.enter_context(self._store.storage.lock())
         try:
             self._store.create()
@@ -146,11 +192,6 @@ class CheckpointManager:
         except BaseException:
             self._lock.close()
             raise
-        self._closed = False
-        self._executor = ThreadPoolExecutor(1, "torchvault-save") if async_save else None
-        self._pending: Future[None] | None = None
-        self._buffers: list[torch.Tensor] = []
-        self._changed: set[int] = set()  # indices of the blobs the last save found changed
 
     # ------------------------------------------------------------------ saving
 
@@ -186,35 +227,113 @@ class CheckpointManager:
         """
         self._check_open()
         self._wait()
-        step = next_step(step, self._records.keys(), self._store.root)
-        numbers = check_metrics(metrics)
-        if self._metric is not None and self._metric[0] not in numbers:
-            raise ValueError(
-                f"save(step {step}): the best checkpoint of {self._store.root} is ranked by "
-                f"{self._metric[0]!r}, but metrics has no {self._metric[0]!r}; it got "
-                f"{sorted(numbers)}. Report it (metrics={{{self._metric[0]!r}: ...}}), or "
-                "fix the monitor's spelling."
-            )
-        notes = _args.metadata(metadata) or {}
-        kinds = {name: kind_of(item) for name, item in items.items()}
+
+        def check() -> tuple[int, _tree.Json, dict[str, str], dict[str, str]]:
+            number = next_step(step, self._records.keys(), self._store.root)
+            numbers = check_metrics(metrics)
+            if self._metric is not None and self._metric[0] not in numbers:
+                raise ValueError(
+                    f"save(step {number}): the best checkpoint of {self._store.root} is ranked "
+                    f"by {self._metric[0]!r}, but metrics has no {self._metric[0]!r}; it got "
+                    f"{sorted(numbers)}. Report it (metrics={{{self._metric[0]!r}: ...}}), or "
+                    "fix the monitor's spelling."
+                )
+            notes = _args.metadata(metadata) or {}
+            kinds = {name: kind_of(item) for name, item in items.items()}
+            return number, _tree.encode(numbers, no_tensors), notes, kinds
+
+        if self._group is None:
+            number, encoded, notes, kinds = check()
+        else:  # every rank checks its arguments; rank 0's step, metrics and metadata are used
+            number, encoded, notes, kinds = self._group.agree(check, "save", everywhere=True)
+        numbers = metrics_of({"metrics": encoded}, str(self._store.root))
+        fields = {"metrics": encoded, "metadata": notes, "items": kinds}
+        if self._group is not None:
+            self._save_sharded(number, fields, numbers, items)
+            return
         plan, tree, blobs = _plan(items)
         manifest = {
             "torchvault": "checkpoint",
             "format": 1,
-            "step": step,
+            "step": number,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "metrics": _tree.encode(numbers, no_tensors),
-            "metadata": notes,
+            **fields,
             "versions": versions(),
-            "items": kinds,
             "tree": tree,
             "tensors": plan.entries,
         }
         if self._executor is None:
-            self._write(step, manifest, blobs, numbers)
+            self._write(number, manifest, blobs, numbers)
             return
         staged, digests = self._stage(blobs)
-        self._pending = self._executor.submit(self._write, step, manifest, staged, numbers, digests)
+        self._pending = self._executor.submit(
+            self._write, number, manifest, staged, numbers, digests
+        )
+
+    def _save_sharded(
+        self, step: int, fields: dict[str, Any], numbers: dict[str, float], items: Mapping[str, Any]
+    ) -> None:
+        """A collective save through torch.distributed.checkpoint: every rank writes its
+        shards; rank 0 commits (in the writer's ``finish``) once all are durable."""
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict_saver import async_save, save
+
+        from ..distributed._manager import state_to_save
+        from ..distributed._writer import StorageWriter
+
+        assert self._group is not None
+        writer = StorageWriter(self._store.root, step)
+        writer.extra = fields
+        writer.commit = lambda manifest: self._commit(step, manifest, numbers)
+        try:
+            state = state_to_save(items, self._group.rank)
+            if self._async:
+                self._sharded = (
+                    async_save(state, storage_writer=writer, process_group=self._group.pg),
+                    step,
+                )
+                return
+            save(state, storage_writer=writer, process_group=self._group.pg)
+        except (Exception, CheckpointException) as exc:
+            raise self._failed(exc, step) from exc
+        finally:
+            if self._sharded is None:
+                self._sync_records()
+
+    def _failed(self, exc: BaseException, step: int) -> BaseException:
+        """A failed collective save as every rank raises it: the peer's own argument error,
+        or a CheckpointWriteError naming the failing ranks (saying so if rank 0 committed)."""
+        from ..distributed._collective import peer_error, write_failure
+
+        if isinstance(exc, TorchVaultError | TypeError | ValueError) and not hasattr(
+            exc, "failures"
+        ):
+            return exc
+        peer = peer_error(exc)
+        if isinstance(peer, TypeError | ValueError) and not isinstance(peer, TorchVaultError):
+            return peer
+        self._sync_records()
+        error = write_failure(exc, self._store.root, step)
+        if step in self._records:
+            return CheckpointWriteError(
+                f"step {step} is committed and restore() will find it, but: {error.message}",
+                path=self._store.root,
+                errno=error.errno,
+                ranks=error.ranks,
+            )
+        return error
+
+    def _sync_records(self) -> None:
+        """Every rank's view of the committed steps, after rank 0 committed or pruned."""
+        if self._group is None:
+            return
+        steps = set(self._store.steps())
+        for step in set(self._records) - steps:
+            del self._records[step]
+        for step in sorted(steps - set(self._records)):
+            with contextlib.suppress(CheckpointNotFoundError):  # pruned meanwhile
+                self._records[step] = self._record(step)
+        self._best_ref = readable_ref(self._store, "best")
 
     def _prepare(self, sizes: list[int]) -> None:
         """Allocate and touch the staging buffers of an async save ahead of time (in the
@@ -272,12 +391,16 @@ class CheckpointManager:
             self._changed = {i for i, blob in enumerate(stored) if blob.digest not in before}
         manifest["blobs"] = [[b.digest, b.dtype, list(b.shape), b.nbytes] for b in stored]
         manifest["bytes"] = {"total": sum(b.nbytes for b in stored), "new": new}
+        self._commit(step, manifest, numbers)
+
+    def _commit(self, step: int, manifest: dict[str, Any], numbers: dict[str, float]) -> None:
+        """Publish ``manifest`` (its objects durable), then pointers and retention."""
         ranking = None
         if self._metric is not None:  # readers without a manager learn "best" from here
             records = [*self._ranked(), retention.CheckpointRecord(step, numbers)]
             ranking = Ranking(*self._metric, retention.best_step(records, *self._metric))
             manifest["monitor"] = ranking.document()
-        record = _Record(numbers, {b.digest for b in stored}, ranking)
+        record = _Record(numbers, {blob[0] for blob in manifest["blobs"]}, ranking)
         try:
             self._store.commit(step, manifest)
         except CheckpointWriteError:
@@ -310,6 +433,15 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+        sharded, self._sharded = self._sharded, None
+        if sharded is not None:
+            future, step = sharded
+            try:
+                future.result()
+            except BaseException as exc:
+                raise self._failed(exc, step) from exc
+            finally:
+                self._sync_records()
 
     # ------------------------------------------------------------------ retention
 
@@ -318,7 +450,11 @@ class CheckpointManager:
         self._check_open()
         dry_run = _args.flag(dry_run, "dry_run")  # read for its truthiness, "no" would delete
         self._wait()
-        return self._prune(dry_run=dry_run)
+        if self._group is None:
+            return self._prune(dry_run=dry_run)
+        doomed: list[int] = self._group.agree(lambda: self._prune(dry_run=dry_run), "prune")
+        self._sync_records()
+        return doomed
 
     def _prune(self, *, dry_run: bool) -> list[int]:
         records = self._ranked()
@@ -406,11 +542,39 @@ class CheckpointManager:
         self._wait()
         step = self._resolve(step)
         _placement.check(map_location)  # a wrong one fails now, also when the run is empty
+        if self._group is not None:
+            return self._restore_collective(step, strict, map_location, items)
         report = restore(self._store, step, strict=strict, map_location=map_location, items=items)
         if self._executor is not None and items:
             sizes = [blob.nbytes for blob in _plan(items)[2]]
             self._pending = self._executor.submit(self._prepare, sizes)
         return report
+
+    def _restore_collective(
+        self, step: StepRef, strict: bool, map_location: MapLocation, items: dict[str, Any]
+    ) -> ResumeReport | None:
+        """Every rank restores the step rank 0 resolved; an error on any rank is raised on all."""
+        from ..distributed._manager import restore as restore_sharded
+
+        group = self._group
+        assert group is not None
+        chosen: int | None = group.agree(lambda: resolve(self._store, step), "restore")
+        if chosen is None:
+            return None
+
+        def load() -> ResumeReport | None:
+            if is_sharded(self._store.manifest(chosen)):
+                return restore_sharded(
+                    self._store, chosen, items=items, strict=strict,
+                    map_location=map_location, group=group,
+                )  # fmt: skip
+            return restore(  # saved by one process: every rank reads it whole
+                self._store, chosen, strict=strict, map_location=map_location, items=items
+            )
+
+        reports: list[ResumeReport | None] = []
+        group.agree(lambda: reports.append(load()), "restore", everywhere=True)
+        return reports[0]
 
     def load(
         self,
@@ -472,6 +636,11 @@ class CheckpointManager:
 
         self._check_open()
         self._wait()
+        if self._group is not None and not self._group.coordinator:
+            raise ValueError(
+                f"export_program writes into {self._store.root}, whose lock rank 0 holds: "
+                f"call it on rank 0 only (this is rank {self._group.rank})"
+            )
         resolved = self._resolve(step)  # "best" and "latest" as load() and export() take them
         number = self._latest() if resolved == "latest" else resolved
         if not isinstance(number, int) or number not in self._records:
@@ -499,6 +668,8 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._lock.close()
+            if self._group is not None:
+                self._group.close()
 
     def __enter__(self) -> CheckpointManager:
         self._check_open()
@@ -571,3 +742,25 @@ def _plan(items: Mapping[str, Any]) -> tuple[TensorPlan, _tree.Json, list[Blob]]
         plan = TensorPlan()
         tree = _tree.encode({ITEMS: state, RNG: _rng.capture()}, plan.add)
         return plan, tree, plan.finish()
+
+
+def _timeout(value: object) -> float:
+    """``collective_timeout`` checked: seconds > 0, or None for the default."""
+    from ..distributed._collective import DEFAULT_TIMEOUT
+
+    if value is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"collective_timeout must be a number of seconds or None, got {type(value).__name__}"
+        )
+    if not 0 < value < float("inf"):
+        raise ValueError(f"collective_timeout must be > 0 seconds, got {value}")
+    return float(value)
+
+
+def _collective_active() -> bool:
+    """Whether this process is one rank of an initialized torch.distributed job."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()

@@ -238,6 +238,12 @@ def restore(
     chosen = resolve(store, step)
     if chosen is None:
         return None
+    if is_sharded(store.manifest(chosen)):  # saved on several ranks: restored through DCP
+        from ..distributed._manager import restore as restore_sharded
+
+        return restore_sharded(
+            store, chosen, items=items, strict=strict, map_location=map_location, group=None
+        )
     manifest, state = load_tree(store, chosen, map_location)
     path = str(store.manifest_path(chosen))
     saved, kinds = state[ITEMS], manifest.get("items", {})

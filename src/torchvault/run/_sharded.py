@@ -25,7 +25,7 @@ object is read, so a bad manifest is a :class:`CorruptCheckpointError`, never wr
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,17 +226,34 @@ def tensor(store: RunStore, key: str, sharded: ShardedTensor) -> torch.Tensor:
 
 
 def load_state(
-    store: RunStore, manifest: dict[str, Any], path: str, map_location: MapLocation = None
+    store: RunStore,
+    manifest: dict[str, Any],
+    path: str,
+    map_location: MapLocation = None,
+    *,
+    under: Sequence[tuple[PathPart, ...]] | None = None,
 ) -> object:
     """The whole, unsharded state of a sharded checkpoint: every tensor assembled from its
-    verified objects (one at a time), values decoded, keys nested as they were saved."""
+    verified objects (one at a time), values decoded, keys nested as they were saved. With
+    ``under``, only the keys whose nested path starts with one of these prefixes."""
     sharded = parse(manifest, path)
     placement = check(map_location)
+
+    def wanted(key: str) -> bool:
+        if under is None:
+            return True
+        parts = (sharded.paths or {}).get(key, (key,))
+        return any(parts[: len(prefix)] == prefix for prefix in under)
+
     with _gc_paused():
-        flat: dict[str, object] = dict(values(store, sharded, path, placement))
+        flat = {k: v for k, v in values(store, sharded, path, placement).items() if wanted(k)}
         for key, spec in sharded.tensors.items():
-            flat[key] = placement.place(tensor(store, key, spec), "cpu")
-    return nest(flat, sharded.paths, path)
+            if wanted(key):
+                flat[key] = placement.place(tensor(store, key, spec), "cpu")
+    paths = sharded.paths
+    if paths is not None:
+        paths = {key: parts for key, parts in paths.items() if key in flat}
+    return nest(flat, paths, path)
 
 
 def deferred(store: RunStore, manifest: dict[str, Any], path: str) -> dict[str, Deferred]:

@@ -1,0 +1,206 @@
+"""What a rank saves and restores when a CheckpointManager checkpoints a multi-rank run.
+
+The state given to ``dcp.save`` is::
+
+    {"items": {name: state}, "ranks": {"rank<r>": {"rng": ..., "generators": {...}}}}
+
+Modules and optimizers go through ``torch.distributed.checkpoint.state_dict``
+(``get_model_state_dict`` / ``get_optimizer_state_dict``: DDP, FSDP2/DTensor and plain
+modules alike; optimizer state keyed by parameter name), so each rank holds only its shards
+and DCP writes replicated tensors once. Other stateful items (schedulers, scalers) and plain
+values are the same on every rank and written once. What differs per rank (random
+generators, ``torch.Generator`` items) has a key of its own rank.
+
+On restore, modules and optimizers are loaded through ``dcp.load`` into templates of their
+current (possibly differently sharded) state, which is how a checkpoint saved on N ranks
+restores on M; everything else is read whole from the run. Per-rank state is restored only
+when the world size is unchanged: rank 3 of 4 has no counterpart on 2 ranks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+from .._report import ResumeReport
+from .._tensors import MapLocation
+from ..errors import CorruptCheckpointError, RestoreMismatchError
+from ..run import _rng
+from ..run._manager_args import state_of
+from ..run._readers import GENERATOR, ITEMS, STATE, _check_target, _mismatch, metrics_of
+from ..run._sharded import load_state, parse
+from ..run._store import RunStore
+from ._collective import Group
+from ._reader import StorageReader
+
+RANKS = "ranks"
+
+
+def rank_key(rank: int) -> str:
+    return f"rank{rank}"
+
+
+def state_to_save(items: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """This rank's part of a checkpoint of ``items`` (see the module docstring)."""
+    modules = {name: item for name, item in items.items() if isinstance(item, nn.Module)}
+    saved: dict[str, Any] = {}
+    generators: dict[str, Any] = {}
+    for name, item in items.items():
+        if isinstance(item, nn.Module):
+            saved[name] = get_model_state_dict(item)
+        elif isinstance(item, torch.optim.Optimizer):
+            saved[name] = get_optimizer_state_dict(owner(item, modules, name), item)
+        elif isinstance(item, torch.Generator):
+            generators[name] = state_of(item)
+        else:
+            saved[name] = state_of(item)
+    mine = {"rng": _rng.capture(), "generators": generators}
+    return {ITEMS: saved, RANKS: {rank_key(rank): mine}}
+
+
+def owner(
+    optimizer: torch.optim.Optimizer, modules: Mapping[str, nn.Module], name: str
+) -> nn.Module:
+    """The module item whose parameters ``optimizer`` updates (its state is keyed by their
+    names).
+
+    Raises:
+        ValueError: no module item holds every parameter of the optimizer.
+    """
+    wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for module in modules.values():
+        if wanted <= {id(p) for p in module.parameters()}:
+            return module
+    raise ValueError(
+        f"the optimizer item {name!r} updates parameters of no module item "
+        f"({sorted(modules) or 'none given'}); under torch.distributed, optimizer state is "
+        "saved by parameter name, so pass the model it trains in the same call "
+        "(save(step, model=model, optimizer=opt))"
+    )
+
+
+def restore(
+    store: RunStore,
+    step: int,
+    *,
+    items: Mapping[str, Any],
+    strict: bool,
+    map_location: MapLocation,
+    group: Group | None,
+) -> ResumeReport:
+    """Restore a sharded checkpoint into ``items`` (collective when ``group`` is given;
+    in one process without torch.distributed otherwise)."""
+    manifest = store.manifest(step)
+    path = str(store.manifest_path(step))
+    sharded = parse(manifest, path)
+    saved_world = sharded.world_size
+    rank, world = (group.rank, group.world) if group is not None else (0, 1)
+    kinds = manifest.get("items", {})
+    stateful = {name for name, kind in kinds.items() if kind in (STATE, GENERATOR)}
+    missing = tuple(sorted(stateful - set(items)))
+    unexpected = tuple(sorted(set(items) - stateful))
+    if strict and (missing or unexpected):
+        raise RestoreMismatchError(
+            _mismatch(path, missing, unexpected), missing=missing, unexpected=unexpected, path=path
+        )
+    _check_ranks(sharded.paths, saved_world, path)
+    same_world = saved_world == world
+    modules = {
+        n: t for n, t in items.items() if n in stateful and isinstance(t, nn.Module)
+    }  # fmt: skip
+    optimizers = {
+        n: t for n, t in items.items() if n in stateful and isinstance(t, torch.optim.Optimizer)
+    }
+    for name, optimizer in optimizers.items():
+        owner(optimizer, modules, name)  # before anything is read or changed
+    template: dict[str, Any] = {name: get_model_state_dict(m) for name, m in modules.items()}
+    for name, optimizer in optimizers.items():
+        template[name] = get_optimizer_state_dict(owner(optimizer, modules, name), optimizer)
+    rest_names = [n for n in kinds if n not in template]
+    under: list[tuple[str | int, ...]] = [(ITEMS, n) for n in rest_names]
+    if same_world:
+        under.append((RANKS, rank_key(rank)))
+    rest = load_state(store, manifest, path, map_location, under=under)
+    assert isinstance(rest, dict)
+    saved_items = rest.get(ITEMS, {})
+    for name, target in items.items():  # every target checked before any is changed
+        if name in stateful and name not in template:
+            kind = kinds.get(name)
+            saved = _mine(rest, rank, name) if kind == GENERATOR else saved_items.get(name)
+            if kind == GENERATOR and saved is None:
+                continue  # another world size: per-rank generators are not restored
+            _check_target(name, kind, target, saved, path)
+    if template:
+        reader = StorageReader(str(store.root), step)
+        if group is not None:
+            dcp_load({ITEMS: template}, storage_reader=reader, process_group=group.pg)
+        else:
+            dcp_load({ITEMS: template}, storage_reader=reader, no_dist=True)
+    restored = []
+    for name, target in items.items():
+        if name not in stateful:
+            continue
+        if name in modules:
+            set_model_state_dict(target, template[name])
+        elif name in optimizers:
+            set_optimizer_state_dict(owner(target, modules, name), target, template[name])
+        elif kinds.get(name) == GENERATOR:
+            saved = _mine(rest, rank, name)
+            if saved is None:
+                continue
+            _rng.set_generator(target, saved, name, path)
+        else:
+            target.load_state_dict(saved_items[name])
+        restored.append(name)
+    rng: tuple[str, ...] = ()
+    if same_world:
+        mine = rest.get(RANKS, {}).get(rank_key(rank), {})
+        rng = _rng.restore(mine.get("rng", {}), path)
+    else:
+        warnings.warn(
+            f"{path} was saved on {saved_world} rank(s) and is restored on {world}: tensors "
+            "were resharded, but the per-rank random generators (and torch.Generator items) "
+            "have no counterpart and were not restored.",
+            stacklevel=3,
+        )
+    return ResumeReport(
+        step=step,
+        restored=tuple(restored),
+        values={n: saved_items[n] for n in kinds if n not in stateful and n in saved_items},
+        missing=missing,
+        unexpected=unexpected,
+        rng=rng,
+        metrics=metrics_of(manifest, path),
+        metadata=dict(manifest.get("metadata", {})),
+        created=manifest.get("created"),
+        versions=dict(manifest.get("versions", {})),
+        resharded_from=None if same_world else saved_world,
+    )
+
+
+def _mine(rest: dict[str, Any], rank: int, name: str) -> object:
+    return rest.get(RANKS, {}).get(rank_key(rank), {}).get("generators", {}).get(name)
+
+
+def _check_ranks(paths: Any, world: int, path: str) -> None:
+    """A manager's checkpoint holds the per-rank state of exactly ``world_size`` ranks."""
+    if paths is None:
+        return
+    ranks = {parts[1] for parts in paths.values() if len(parts) > 1 and parts[0] == RANKS}
+    if ranks and ranks != {rank_key(r) for r in range(world)}:
+        raise CorruptCheckpointError(
+            f"{path}: it says {world} rank(s) saved it but holds the state of "
+            f"{len(ranks)} ({sorted(map(str, ranks))[:8]}); the manifest is damaged",
+            path=path,
+        )
