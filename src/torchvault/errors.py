@@ -42,6 +42,7 @@ calls each with generated wrong arguments):
 from __future__ import annotations
 
 import os
+from typing import Any
 
 __all__ = [
     "CheckpointNotFoundError",
@@ -79,6 +80,21 @@ class TorchVaultError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the subclasses take keyword-only arguments, which pickle's default (the class
+        # called with ``args``) cannot pass; torch.distributed.checkpoint pickles a failing
+        # rank's exception to send it to the others
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(
+    kind: type[TorchVaultError], args: tuple[object, ...], state: dict[str, object]
+) -> TorchVaultError:
+    error = kind.__new__(kind)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class CheckpointNotFoundError(TorchVaultError, FileNotFoundError):

@@ -105,25 +105,45 @@ class Group:
                 ) from exc
         return out
 
-    def agree(self, compute: Callable[[], T], what: str, *, everywhere: bool = False) -> T:
-        """The result of ``compute`` on rank 0 (on every rank with ``everywhere``), the same
-        on every rank; if it raised on any rank, every rank raises that error (the lowest
-        failing rank's), so no rank goes on alone."""
+    def agree(
+        self,
+        compute: Callable[[], T],
+        what: str,
+        *,
+        everywhere: bool = False,
+        same: Callable[[Any], Any] = lambda result: result,
+    ) -> T:
+        """The result of ``compute`` on rank 0, the same on every rank; with ``everywhere``
+        every rank computes it and ``same`` of every result must be equal (ValueError
+        otherwise). If it
+        raised on any rank, every rank raises that error (the lowest failing rank's; other
+        kinds than ``_KINDS`` as :class:`CollectiveError`), so no rank goes on alone."""
         outcome: dict[str, Any]
+        error: Exception | None = None
         if everywhere or self.coordinator:
             try:
                 outcome = {"ok": compute()}
-            except tuple(_KINDS.values()) as exc:
+            except Exception as exc:
+                error = exc
                 outcome = {"error": type(exc).__name__, "message": str(exc)}
         else:
             outcome = {"ok": None}
         results = self.gather(outcome, what)
         for rank, result in enumerate(results):
             if isinstance(result, dict) and "error" in result:
+                if rank == self.rank and error is not None:
+                    raise error  # the failing rank raises its own error, traceback and all
                 raise rebuild(result, rank, self.world)
         first = results[0]
         if not isinstance(first, dict) or "ok" not in first:
             raise CollectiveError(f"{what}: rank 0 sent no result", ranks=(0,))
+        odd = [r for r, res in enumerate(results) if same(res.get("ok")) != same(first["ok"])]
+        if everywhere and odd:
+            raise ValueError(
+                f"{what}: rank {odd[0]} was called with other arguments than rank 0 "
+                f"({str(same(results[odd[0]].get('ok')))[:200]} vs {str(same(first['ok']))[:200]}"
+                "); every rank must pass the same step and items"
+            )
         return first["ok"]  # type: ignore[no-any-return]
 
     def _failing(self, what: str) -> Any:

@@ -216,17 +216,25 @@ class CheckpointManager:
                 format holds. Global random generator states and versions are added
                 automatically.
 
+        Under torch.distributed every rank calls it with the same step and item names (each
+        with its own shards); the metrics and metadata of rank 0 are recorded. An error on
+        any rank (an argument, a failed write) is raised on every rank, naming it.
+
         Raises:
             ValueError: ``step`` is at or below the latest committed step (restore first and
                 continue from ``report.step + 1``, or use a new run folder), or ``metrics``
                 lacks the monitored metric; nothing was written.
             TypeError: ``step``, ``metrics`` or ``metadata`` of the wrong type.
-            CheckpointWriteError: the disk refused. Unless the message says the step is
-                committed, nothing was; either way earlier checkpoints are intact.
+            CheckpointWriteError: the disk refused (on a rank its ``ranks`` names). Unless
+                the message says the step is committed, nothing was; either way earlier
+                checkpoints are intact.
+            CollectiveError: another rank died or did not call ``save`` within
+                ``collective_timeout``.
             ManagerClosedError: the manager was closed.
         """
         self._check_open()
         self._wait()
+        prepared: builtins.list[dict[str, Any]] = []
 
         def check() -> tuple[int, _tree.Json, dict[str, str], dict[str, str]]:
             number = next_step(step, self._records.keys(), self._store.root)
@@ -240,16 +248,22 @@ class CheckpointManager:
                 )
             notes = _args.metadata(metadata) or {}
             kinds = {name: kind_of(item) for name, item in items.items()}
+            if self._group is not None:  # a rank that cannot state its items fails them all
+                from ..distributed._manager import state_to_save
+
+                prepared.append(state_to_save(items, self._group.rank))
             return number, _tree.encode(numbers, no_tensors), notes, kinds
 
         if self._group is None:
             number, encoded, notes, kinds = check()
-        else:  # every rank checks its arguments; rank 0's step, metrics and metadata are used
-            number, encoded, notes, kinds = self._group.agree(check, "save", everywhere=True)
+        else:  # every rank checks its arguments (same step and items); rank 0's metrics count
+            number, encoded, notes, kinds = self._group.agree(
+                check, "save", everywhere=True, same=lambda r: [r[0], r[3]]
+            )
         numbers = metrics_of({"metrics": encoded}, str(self._store.root))
         fields = {"metrics": encoded, "metadata": notes, "items": kinds}
         if self._group is not None:
-            self._save_sharded(number, fields, numbers, items)
+            self._save_sharded(number, fields, numbers, prepared[0])
             return
         plan, tree, blobs = _plan(items)
         manifest = {
@@ -271,14 +285,13 @@ class CheckpointManager:
         )
 
     def _save_sharded(
-        self, step: int, fields: dict[str, Any], numbers: dict[str, float], items: Mapping[str, Any]
+        self, step: int, fields: dict[str, Any], numbers: dict[str, float], state: dict[str, Any]
     ) -> None:
         """A collective save through torch.distributed.checkpoint: every rank writes its
         shards; rank 0 commits (in the writer's ``finish``) once all are durable."""
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
-        from ..distributed._manager import state_to_save
         from ..distributed._writer import StorageWriter
 
         assert self._group is not None
@@ -286,7 +299,6 @@ class CheckpointManager:
         writer.extra = fields
         writer.commit = lambda manifest: self._commit(step, manifest, numbers)
         try:
-            state = state_to_save(items, self._group.rank)
             if self._async:
                 self._sharded = (
                     async_save(state, storage_writer=writer, process_group=self._group.pg),
