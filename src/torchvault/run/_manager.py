@@ -172,6 +172,7 @@ class CheckpointManager:
         self._buffers: list[torch.Tensor] = []
         self._changed: set[int] = set()  # indices of the blobs the last save found changed
         self._sharded: tuple[Any, int] | None = None  # a distributed async save: future, step
+        self._stager: Any = None  # the staging buffers of distributed async saves
 
     def _open(self) -> None:
         """Take the run's lock and read it: create it, clean leftovers of interrupted saves,
@@ -300,10 +301,17 @@ class CheckpointManager:
         writer.commit = lambda manifest: self._commit(step, manifest, numbers)
         try:
             if self._async:
-                self._sharded = (
-                    async_save(state, storage_writer=writer, process_group=self._group.pg),
-                    step,
+                if self._stager is None:  # one stager: its CPU copies are reused every save
+                    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+                    self._stager = DefaultStager(StagingOptions(False, False, False, False))
+                future = async_save(
+                    state,
+                    storage_writer=writer,
+                    process_group=self._group.pg,
+                    async_stager=self._stager,
                 )
+                self._sharded = (future, step)
                 return
             save(state, storage_writer=writer, process_group=self._group.pg)
         except (Exception, CheckpointException) as exc:
@@ -680,6 +688,8 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self._lock.close()
+            if self._stager is not None:
+                self._stager.close()
             if self._group is not None:
                 self._group.close()
 
