@@ -119,6 +119,9 @@ def main() -> None:
     section("8. a training run killed with SIGKILL resumes exactly where it was")
     resume_demo()
 
+    section("9. two ranks (FSDP2): one is SIGKILLed; resume on 1 rank and on 2; convert to HF")
+    distributed_demo()
+
 
 def legacy_demo(model: nn.Module) -> None:
     torch.save(model.state_dict(), OUT / "model.pth")
@@ -153,6 +156,32 @@ def resume_demo() -> None:
     same = bit_identical(tv.load(OUT / "reference.tv"), tv.load(OUT / "resumed.tv"))
     print(f"  final weights and optimizer state bit-identical to an uninterrupted run: {same}\n")
     cli(["ls", str(run)])
+
+
+def distributed_demo() -> None:
+    script = str(Path(__file__).with_name("train_distributed.py"))
+
+    def torchrun(ranks: int, *args: str, check: bool = True) -> int:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={ranks}", script, *args]  # fmt: skip
+        job = subprocess.run(command, capture_output=True, text=True, check=False)
+        for line in job.stdout.splitlines():
+            print(f"  [{ranks} rank{'s' * (ranks > 1)}] {line}")
+        if check and job.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{job.stderr[-3000:]}")
+        return job.returncode
+
+    run = str(OUT / "run-fsdp")
+    torchrun(2, str(OUT / "run-fsdp-reference"), "--out", str(OUT / "fsdp-reference.tv"))
+    code = torchrun(2, run, "--kill-rank", "1", "--kill-at", "17", check=False)
+    print(f"  rank 1 killed with SIGKILL at step 17; torchrun stopped the job (exit code {code})")
+    torchrun(1, run, "--check-only")
+    torchrun(2, run, "--out", str(OUT / "fsdp-resumed.tv"))
+    same = bit_identical(tv.load(OUT / "fsdp-reference.tv"), tv.load(OUT / "fsdp-resumed.tv"))
+    print(f"  final weights and optimizer state bit-identical to an uninterrupted run: {same}")
+    converted = tv.convert(f"{run}@latest", OUT / "fsdp-hf", to="hf")
+    print(f"  the sharded checkpoint as a Hugging Face folder: {[Path(f).name for f in converted.files]}")
+    cli(["ls", run])
 
 
 if __name__ == "__main__":
