@@ -125,6 +125,8 @@ UPWARD = {
     ("_load_into", "export"),  # load_into() of a quantized model file
     ("legacy", "export"),  # scan() of a torch.export program
     ("legacy", "run._readers"),  # scan() of a run folder
+    ("run._readers", "distributed"),  # restore() of a sharded checkpoint, through DCP
+    ("run._manager", "distributed"),  # a CheckpointManager under torch.distributed
 }
 
 
@@ -132,7 +134,7 @@ def _unit(module: str, modules: set[str]) -> str | None:
     """The layer ``module`` belongs to: a subpackage whole, a run module or a root module."""
     while module and module not in modules:
         module = module.rpartition(".")[0]  # a name imported from a module: the module
-    if module.split(".")[0] in ("legacy", "export", "storage", "cli"):
+    if module.split(".")[0] in ("legacy", "export", "storage", "cli", "distributed"):
         return module.split(".")[0]
     return module or None
 
