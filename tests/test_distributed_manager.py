@@ -360,6 +360,7 @@ def mistakes(rank: int, world: int, run: str) -> list[str]:
             _error(lambda: mgr.save(0, metrics={"loss": 1.0} if rank == 0 else {}, model=model))
         )
         mgr.save(0, metrics={"loss": 1.0}, model=model, optimizer=opt)
+        unstepped = not opt.state  # saving did not step a fresh optimizer (DCP shapes its state so)
         found.append(_error(lambda: mgr.save(0, metrics={"loss": 0.5}, model=model)))
         found.append(_error(lambda: mgr.restore(model=model)))  # the optimizer has no target
         found.append(_error(lambda: mgr.restore(model=other, optimizer=opt)))
@@ -367,6 +368,7 @@ def mistakes(rank: int, world: int, run: str) -> list[str]:
             _error(lambda: mgr.export_program(0, other, (torch.randn(1, 2),))) if rank else ""
         )
     found.append(_error(lambda: mgr.save(1, model=model)))
+    found.append(f"unstepped: {unstepped}")
     return found
 
 
@@ -385,6 +387,7 @@ def test_mistakes_on_many_ranks_raise_the_same_error_on_every_rank(tmp_path: Pat
         (second[6], "ValueError", "rank 0 only"),
         (first[7], "ManagerClosedError", "closed"),
         (second[7], "ManagerClosedError", "closed"),
+        (first[8], "unstepped", "True"),
     ]
     for message, kind, words in expected:
         assert message.startswith(kind), message

@@ -60,13 +60,26 @@ def state_to_save(items: Mapping[str, Any], rank: int) -> dict[str, Any]:
         if isinstance(item, nn.Module):
             saved[name] = get_model_state_dict(item)
         elif isinstance(item, torch.optim.Optimizer):
-            saved[name] = get_optimizer_state_dict(owner(item, modules, name), item)
+            saved[name] = optimizer_state(item, owner(item, modules, name))
         elif isinstance(item, torch.Generator):
             generators[name] = state_of(item)
         else:
             saved[name] = state_of(item)
     mine = {"rng": _rng.capture(), "generators": generators}
     return {ITEMS: saved, RANKS: {rank_key(rank): mine}}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name. ``get_optimizer_state_dict`` shapes
+    the state of an optimizer that has not stepped yet by stepping it once with zero grads
+    (Adam's ``step`` becomes 1); that must not change the caller's run: such an optimizer
+    is saved as it is (no state) and left as it was."""
+    fresh = not optimizer.state
+    state = get_optimizer_state_dict(model, optimizer)
+    if fresh:
+        optimizer.state.clear()
+        return {"state": {}, "param_groups": state["param_groups"]}
+    return state
 
 
 def owner(
@@ -125,8 +138,11 @@ def restore(
     for name, optimizer in optimizers.items():
         owner(optimizer, modules, name)  # before anything is read or changed
     template: dict[str, Any] = {name: get_model_state_dict(m) for name, m in modules.items()}
+    unstepped = {n for n in optimizers if not _has_state(sharded.paths, n)}
     for name, optimizer in optimizers.items():
         template[name] = get_optimizer_state_dict(owner(optimizer, modules, name), optimizer)
+        if name in unstepped:  # saved before its first step: only its hyper-parameters
+            template[name] = {"param_groups": template[name]["param_groups"]}
     rest_names = [n for n in kinds if n not in template]
     under: list[tuple[str | int, ...]] = [(ITEMS, n) for n in rest_names]
     if same_world:
@@ -154,7 +170,10 @@ def restore(
         if name in modules:
             set_model_state_dict(target, template[name])
         elif name in optimizers:
-            set_optimizer_state_dict(owner(target, modules, name), target, template[name])
+            loaded = {"state": {}, **template[name]}
+            set_optimizer_state_dict(owner(target, modules, name), target, loaded)
+            if name in unstepped:
+                target.state.clear()  # as it was saved: not stepped yet
         elif kinds.get(name) == GENERATOR:
             saved = _mine(rest, rank, name)
             if saved is None:
@@ -191,6 +210,12 @@ def restore(
 
 def _mine(rest: dict[str, Any], rank: int, name: str) -> object:
     return rest.get(RANKS, {}).get(rank_key(rank), {}).get("generators", {}).get(name)
+
+
+def _has_state(paths: Any, name: str) -> bool:
+    """Whether optimizer item ``name`` was saved with per-parameter state."""
+    prefix = (ITEMS, name, "state")
+    return paths is None or any(tuple(p[:3]) == prefix for p in paths.values())
 
 
 def _check_ranks(paths: Any, world: int, path: str) -> None:
