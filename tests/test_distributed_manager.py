@@ -146,9 +146,14 @@ def test_a_run_killed_on_one_rank_resumes_bit_identical(
     survivor = next(o for o in outcomes if o.exitcode != -signal.SIGKILL)
     assert survivor.error is not None  # the other rank learned of it; it did not hang
     assert "CheckpointWriteError" in survivor.error or "CollectiveError" in survivor.error
-    assert max(RunStore(run).steps()) == committed  # nothing partial; nothing earlier lost
+    store = RunStore(run)
+    assert max(store.steps()) == committed  # nothing partial; nothing earlier lost
+    if kill != "after_commit":
+        assert store.stored() - store.referenced()  # the killed save left objects behind
     run_ranks(train, 2, run, out, None, 0)
     assert same_state(tv.load(out), uninterrupted)
+    # the killed save's objects were removed by the next writer
+    assert store.stored() == store.referenced()
 
 
 # -- resharding: 4 -> 2 -> 4, 2 -> 1 process, 1 -> 2 ----------------------------------------

@@ -175,13 +175,17 @@ class CheckpointManager:
         self._stager: Any = None  # the staging buffers of distributed async saves
 
     def _open(self) -> None:
-        """Take the run's lock and read it: create it, clean leftovers of interrupted saves,
-        repair pointers a crash left stale (the writer, or rank 0 of a collective run)."""
+        """Take the run's lock and read it: create it, clean leftovers of interrupted saves
+        (temp files, unreferenced objects), repair pointers a crash left stale (the writer,
+        or rank 0 of a collective run)."""
         self._lock.enter_context(self._store.storage.lock())
         try:
             self._store.create()
             self._store.remove_temp_files()
             self._records = {step: self._record(step) for step in self._store.steps()}
+            # objects of saves killed before their commit (on any rank) are referenced by
+            # no manifest: the writer that opens the run next removes them
+            self._store.collect_garbage(self._digests())
             self._best_ref = readable_ref(self._store, "best")
             latest = self._latest()
             if latest is not None and readable_ref(self._store, "latest") != latest:

@@ -263,6 +263,10 @@ class RunStore:
             for blob, view in zip(unique, views, strict=True)
         }
 
+    def stored(self) -> set[str]:
+        """The digest of every object in the run, referenced or not."""
+        return {digest for _, digest in self._objects()}
+
     def object_bytes(self) -> int:
         return sum(self.storage.size(name) or 0 for name, _ in self._objects())
 
