@@ -201,6 +201,17 @@ def test_a_checkpoint_restores_bit_exact_on_any_number_of_ranks(tmp_path: Path) 
     assert all(torch.equal(items["model"][k], v) for k, v in expected["model"].items())
 
 
+def test_a_single_process_checkpoint_continues_on_sharded_ranks(tmp_path: Path) -> None:
+    run, ref = str(tmp_path / "run"), str(tmp_path / "state.tv")
+    model, opt, sched = build(1, "plain")
+    train_step(model, opt, sched)
+    with tv.CheckpointManager(run) as mgr:
+        mgr.save(0, model=model, optimizer=opt, scheduler=sched, epoch=0)
+    tv.save(full_state(model, opt, sched), ref)
+    # the ranks warn that the one saved random state is not given to them all
+    assert values(run_ranks(reshard, 2, run, ref, None)) == [(True, 1, {"epoch": 0})] * 2
+
+
 # -- DDP: replicated tensors are written once ---------------------------------------------
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -206,6 +207,59 @@ def restore(
         versions=dict(manifest.get("versions", {})),
         resharded_from=None if same_world else saved_world,
     )
+
+
+def whole_loader(items: Mapping[str, Any]) -> Any:
+    """For ``_readers.restore`` of a checkpoint saved by one process onto ranks whose
+    modules are sharded (FSDP2, DTensor parameters): each rank holds the whole state, and
+    ``set_*_state_dict(full_state_dict=True)`` keeps its shards; the optimizer's state,
+    saved keyed by parameter index, is keyed by name first. Other items load as in one
+    process (``load_into``, ``load_state_dict``)."""
+    modules = {name: item for name, item in items.items() if isinstance(item, nn.Module)}
+    whole = StateDictOptions(full_state_dict=True)
+
+    def load(name: str, target: Any, saved: Any) -> bool:
+        if isinstance(target, nn.Module) and _sharded(target):
+            set_model_state_dict(target, dict(saved), options=whole)
+            return True
+        if isinstance(target, torch.optim.Optimizer):
+            model = owner(target, modules, name)
+            if _sharded(model):
+                named = _by_name(saved, get_optimizer_state_dict(model, target))
+                set_optimizer_state_dict(model, target, named, options=whole)
+                if not named["state"]:
+                    target.state.clear()  # saved before its first step
+                return True
+        return False
+
+    return load
+
+
+def _sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _by_name(saved: Any, current: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer ``state_dict()`` keyed by parameter index, keyed by parameter name in the
+    order the target optimizer holds its parameters (the order the indices count)."""
+    groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if not isinstance(groups, list) or len(groups) != len(current["param_groups"]):
+        raise ValueError(
+            "the saved optimizer has another number of parameter groups than the target's"
+        )
+    names: dict[object, str] = {}
+    for group, target_group in zip(groups, current["param_groups"], strict=True):
+        if len(group["params"]) != len(target_group["params"]):
+            raise ValueError("a saved parameter group holds another number of parameters")
+        names.update(zip(group["params"], target_group["params"], strict=True))
+    return {
+        "state": {names.get(k, k): v for k, v in saved.get("state", {}).items()},
+        "param_groups": [
+            {**group, "params": [names.get(p, p) for p in group["params"]]} for group in groups
+        ],
+    }
 
 
 def _mine(rest: dict[str, Any], rank: int, name: str) -> object:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -579,6 +580,7 @@ class CheckpointManager:
     ) -> ResumeReport | None:
         """Every rank restores the step rank 0 resolved; an error on any rank is raised on all."""
         from ..distributed._manager import restore as restore_sharded
+        from ..distributed._manager import whole_loader
 
         group = self._group
         assert group is not None
@@ -592,9 +594,19 @@ class CheckpointManager:
                     self._store, chosen, items=items, strict=strict,
                     map_location=map_location, group=group,
                 )  # fmt: skip
-            return restore(  # saved by one process: every rank reads it whole
-                self._store, chosen, strict=strict, map_location=map_location, items=items
+            report = restore(  # saved by one process: every rank reads it whole
+                self._store, chosen, strict=strict, map_location=map_location, items=items,
+                load=whole_loader(items), rng=group.world == 1,
+            )  # fmt: skip
+            if report is None or group.world == 1:
+                return report
+            warnings.warn(
+                f"step {chosen} of {self._store.root} was saved by one process and is restored "
+                f"on {group.world} ranks: the random generators were not restored (every rank "
+                "would draw the same numbers)",
+                stacklevel=4,
             )
+            return dataclasses.replace(report, resharded_from=1)
 
         reports: list[ResumeReport | None] = []
         group.agree(lambda: reports.append(load()), "restore", everywhere=True)

@@ -233,8 +233,13 @@ def restore(
     strict: bool,
     map_location: MapLocation,
     items: Mapping[str, Any],
+    load: Callable[[str, Any, Any], bool] | None = None,
+    rng: bool = True,
 ) -> ResumeReport | None:
-    """``CheckpointManager.restore`` without a manager (no lock needed: reads only)."""
+    """``CheckpointManager.restore`` without a manager (no lock needed: reads only).
+
+    ``load(name, target, saved)`` may take over loading a stateful item (True when it did);
+    with ``rng=False`` the global random generators are left as they are."""
     chosen = resolve(store, step)
     if chosen is None:
         return None
@@ -264,6 +269,8 @@ def restore(
             continue
         if kinds.get(name) == GENERATOR:
             _rng.set_generator(target, saved[name], name, path)
+        elif load is not None and load(name, target, saved[name]):
+            pass
         elif isinstance(target, torch.nn.Module):
             reports[name] = load_into(target, saved[name], strict=strict)
         else:
@@ -275,7 +282,7 @@ def restore(
         values={name: value for name, value in saved.items() if name not in stateful},
         missing=missing,
         unexpected=unexpected,
-        rng=_rng.restore(state.get(RNG, {}), path),
+        rng=_rng.restore(state.get(RNG, {}), path) if rng else (),
         metrics=metrics_of(manifest, path),
         metadata=dict(manifest.get("metadata", {})),
         load_reports=reports,
