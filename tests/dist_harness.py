@@ -1,4 +1,5 @@
-"""Run a function on N real ranks (spawned processes, gloo on CPU) for the distributed tests.
+"""Run a function on N real ranks (spawned processes, gloo on CPU by default) for the
+distributed tests.
 
 ``fn(rank, world, *args)`` must be a module-level function (spawn pickles it by name); it
 runs after ``init_process_group("gloo")`` and its return value comes back per rank. A rank
@@ -48,13 +49,14 @@ def run_ranks(
     timeout: float = 180.0,
     check: bool = True,
     pg_timeout: float = 60.0,
+    backend: str = "gloo",
 ) -> list[Outcome]:
     """Run ``fn`` on ``world`` ranks; with ``check``, fail unless every rank returned."""
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(fn, rank, world, port, pg_timeout, results, args))
+        ctx.Process(target=_entry, args=(fn, rank, world, port, pg_timeout, backend, results, args))
         for rank in range(world)
     ]
     for proc in procs:
@@ -100,13 +102,16 @@ def _entry(
     world: int,
     port: int,
     pg_timeout: float,
+    backend: str,
     results: Any,
     args: tuple[Any, ...],
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if torch.cuda.is_available() and "nccl" in backend:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout)
+        backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=pg_timeout)
     )
     try:
         value = fn(rank, world, *args)

@@ -50,3 +50,37 @@ def test_load_into_a_cuda_module_copies_from_the_mapped_file(tmp_path: Path) -> 
     assert report.ok
     assert target.weight is weight
     assert torch.equal(target.weight.cpu(), source.weight)
+
+
+def _cuda_rank(rank: int, world: int, run: str) -> tuple[bool, bool, str]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 15), torch.nn.Linear(15, 3)).cuda()
+        fully_shard(model, mesh=init_device_mesh("cuda", (world,)))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    model, opt = build()
+    model(torch.randn(4, 8, device="cuda")).sum().backward()
+    opt.step()
+    with tv.CheckpointManager(run) as mgr:
+        mgr.save(0, model=model, optimizer=opt)
+        saved = {k: v.full_tensor().cpu() for k, v in model.state_dict().items()}
+        fresh, fresh_opt = build()
+        report = mgr.restore(model=fresh, optimizer=fresh_opt)
+    restored = {k: v.full_tensor().cpu() for k, v in fresh.state_dict().items()}
+    device = fresh_opt.state_dict()["state"][0]["exp_avg"].to_local().device.type
+    same = all(torch.equal(saved[k], restored[k]) for k in saved)
+    return report is not None, same, device
+
+
+def test_fsdp2_on_cuda_saves_sharded_and_restores_onto_the_gpu(tmp_path: Path) -> None:
+    from dist_harness import run_ranks
+
+    run = str(tmp_path / "run")
+    outcome = run_ranks(_cuda_rank, 1, run, backend="cpu:gloo,cuda:nccl")[0]
+    assert outcome.value == (True, True, "cuda")
+    consolidated = tv.load(f"{run}@0")  # one process, on the CPU
+    assert consolidated["model"]["0.weight"].device.type == "cpu"
