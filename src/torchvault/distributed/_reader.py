@@ -59,6 +59,7 @@ class StorageReader(_DcpReader):
         self._where: dict[MetadataIndex, int] = {}
         self._values: dict[str, object] | None = None
         self._path = ""
+        self._error: Exception | None = None
 
     @property
     def step(self) -> int | None:
@@ -73,6 +74,21 @@ class StorageReader(_DcpReader):
             )
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """DCP's ``Metadata``, rebuilt from the checked manifest.
+
+        ``dcp.load`` swallows an exception raised here (it logs it, retries, then raises an
+        ``AssertionError`` that hides it), so inside ``dcp.load`` a failure is kept and
+        raised by :meth:`set_up_storage_reader`, which DCP reports for every rank; the
+        metadata returned meanwhile is empty.
+        """
+        self._error = None
+        try:
+            return self._metadata()
+        except Exception as exc:  # any failure: a bad run, and the OSError of an unreadable one
+            self._error = exc
+            return Metadata(state_dict_metadata={})
+
+    def _metadata(self) -> Metadata:
         store = open_run(self._run)
         step = resolve_step(store, self._ref)
         manifest = store.manifest(step)
@@ -92,7 +108,8 @@ class StorageReader(_DcpReader):
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
-        return None
+        if self._error is not None:
+            raise self._error  # read_metadata's, kept from DCP's fallback (see there)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return dataclasses.replace(plan, storage_data=self._step)
