@@ -41,6 +41,7 @@ calls each with generated wrong arguments):
 from __future__ import annotations
 
 import os
+from typing import Any
 
 __all__ = [
     "CheckpointNotFoundError",
@@ -77,6 +78,22 @@ class TorchVaultError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled as its message plus its attributes: torch.distributed.checkpoint sends a
+        # rank's exception to the others with pickle, and the keyword-only arguments of the
+        # subclasses (path=, errno=, global_name=) cannot be passed again positionally
+        state = dict(vars(self))
+        if isinstance(self, OSError):  # errno, strerror and filename are slots, not in vars
+            state.update(errno=self.errno, strerror=self.strerror, filename=self.filename)
+        return (_rebuild, (type(self), self.args), state)
+
+
+def _rebuild(kind: type[TorchVaultError], args: tuple[Any, ...]) -> TorchVaultError:
+    """An unpickled error, before its attributes are set back (``__reduce__``)."""
+    error = kind.__new__(kind, *args)
+    error.args = args  # OSError's __new__ leaves them to an __init__ that is not run here
+    return error
 
 
 class CheckpointNotFoundError(TorchVaultError, FileNotFoundError):
