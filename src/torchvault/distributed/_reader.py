@@ -139,6 +139,8 @@ class StorageReader(_DcpReader):
                 if req.type == LoadItemType.TENSOR
             ]
             mapped = store.map_objects(wanted)  # every hash checked before any copy
+            if any(req.type == LoadItemType.BYTE_IO for req in plan.items):
+                self._decoded()  # and every value decoded and checked, likewise
             for req in plan.items:
                 if req.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(req, self._value_bytes(req.storage_index.fqn))
@@ -173,14 +175,18 @@ class StorageReader(_DcpReader):
             )
         return found
 
-    def _value_bytes(self, fqn: str) -> io.BytesIO:
-        """A non-tensor value for ``planner.load_bytes``, which ``torch.load``s it: the
-        pickle is made here from the decoded, checked value, never read from the run."""
+    def _decoded(self) -> dict[str, object]:
+        """Every non-tensor value of the checkpoint, decoded once (objects verified)."""
         if self._values is None:
             assert self._store is not None
             assert self._sharded is not None
             self._values = values(self._store, self._sharded, self._path)
+        return self._values
+
+    def _value_bytes(self, fqn: str) -> io.BytesIO:
+        """A non-tensor value for ``planner.load_bytes``, which ``torch.load``s it: the
+        pickle is made here from the decoded, checked value, never read from the run."""
         buffer = io.BytesIO()
-        torch.save(self._values[fqn], buffer)
+        torch.save(self._decoded()[fqn], buffer)
         buffer.seek(0)
         return buffer
