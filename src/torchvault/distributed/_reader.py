@@ -96,7 +96,7 @@ class StorageReader(_DcpReader):
         if not is_sharded(manifest):
             raise UnsupportedFormatError(
                 f"step {step} of {self._run} was saved by one process, not through "
-                "torch.distributed.checkpoint; read it with tv.load(f'{run}@{step}') or "
+                f"torch.distributed.checkpoint; read it with tv.load('{self._run}@{step}') or "
                 "CheckpointManager.restore",
                 path=path,
             )
