@@ -383,6 +383,17 @@ def digests(run: Path, step: int, prefix: str = "") -> set[str]:
     }
 
 
+def broken_objects(run: Path) -> list[str]:
+    """Object files whose bytes do not match their name: a partial object published."""
+    return [
+        path.name
+        for path in (run / "objects").rglob("*")
+        if path.is_file()
+        and _commit.TEMP_MARK not in path.name
+        and _format.hash_bytes(path.read_bytes()) != path.name
+    ]
+
+
 def objects(run: Path) -> set[str]:
     return {name.rsplit("/", 1)[-1] for name in RunStore(run).storage.list("objects/")}
 
@@ -606,6 +617,7 @@ def test_a_failing_storage_operation_on_one_rank_fails_every_rank_and_commits_no
         assert {k for k, _, _ in in_lock["inner"].values()} == {"RunLockedError"}, in_lock
         assert in_lock["objects"] == (0, 0)
     assert RunStore(run).steps() == [1, 2, 3, 4]
+    assert broken_objects(tmp_path / "run") == []
     for good in (1, 2, 3, 4):
         assert load_in_process(tmp_path / "run", good, Path(refs[good])) == []
     assert RunStore(locked).steps() == []
@@ -640,6 +652,7 @@ def check_kill(tmp_path: Path, point: str) -> None:
     survivor = outcomes[1 - victim]  # raised (a broken connection), did not hang
     assert survivor.exitcode == 0, survivor
     assert survivor.value[-1]["outer"] is not None, survivor
+    assert broken_objects(run) == []  # the victim's unfinished objects are temp files only
     steps = RunStore(run).steps()
     if point == "after_commit":  # killed after the manifest was published: the step is whole
         assert steps == [1, 2]
