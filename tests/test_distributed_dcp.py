@@ -144,6 +144,15 @@ def _boom(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("injected failure while hashing")
 
 
+def _none(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _objects(storage: Any, name: str) -> bool:
+    """A ``Storage.size`` call about an object (as the commit checks them all)."""
+    return name.startswith("objects/")
+
+
 def _die(*args: Any, **kwargs: Any) -> Any:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -186,18 +195,25 @@ def _nth(n: int, action: Callable[..., Any], original: Callable[..., Any]) -> Ca
 # (what is patched, its replacement given the original): one storage operation of a save each
 POINTS: dict[str, tuple[Any, str, Callable[[Any], Any]]] = {
     "put_many": (LocalStorage, "put_many", lambda orig: _enospc),
+    "put_many_on_the_coordinator": (LocalStorage, "put_many", lambda orig: _enospc),
     "write": (_commit._WritebackFile, "write", lambda orig: _enospc),
     "fsync": (os, "fsync", lambda orig: _eio),
     "replace": (os, "replace", lambda orig: _enospc),
     "fsync_dir": (_commit, "fsync_dir", lambda orig: _eio),
     "hash": (_format, "hashed_views", lambda orig: _boom),
+    "object_vanished": (LocalStorage, "size", lambda orig: _when(_objects, _none, orig)),
     "commit": (os, "replace", lambda orig: _when(_into("checkpoints"), _enospc, orig)),
     "commit_dir_sync": (_commit, "fsync_dir", lambda orig: _when(_into("checkpoints"), _eio, orig)),
     "latest": (os, "replace", lambda orig: _when(_into("refs"), _enospc, orig)),
 }
+ERRNO = {"fsync": errno.EIO, "fsync_dir": errno.EIO, "commit_dir_sync": errno.EIO}
+ERRNO["object_vanished"] = None  # found missing by the commit's check, not by a failed call
 # faults at which the manifest is already in place: the step is committed, and the error says so
 AFTER_COMMIT = {"commit_dir_sync", "latest"}
-VICTIM = {"commit": 0, "commit_dir_sync": 0, "latest": 0}  # the coordinator; others: rank 1
+# the coordinator (rank 0) for these; rank 1 for the others
+VICTIM = dict.fromkeys(
+    ["put_many_on_the_coordinator", "object_vanished", "commit", "commit_dir_sync", "latest"], 0
+)
 
 KILLS: dict[str, tuple[Any, str, Callable[[Any], Any]]] = {
     "objects_written": (RunStore, "put_all", lambda orig: _after(orig, _die)),
@@ -482,6 +498,9 @@ def test_resharding_4_to_2_to_1_and_1_to_2_bit_exact_with_frozen_and_resharded_d
     assert frozen == set().union(*(digests(tmp_path / "run", 2, k) for k in frozen_keys))
     new2 = {b[0] for b in second["blobs"]} - {b[0] for b in first["blobs"]}
     assert frozen.isdisjoint(new2)
+    stored = objects(tmp_path / "run")  # the files: step 1's objects, plus step 2's new ones
+    assert len(stored) == len({b[0] for b in first["blobs"]}) + len(new2)
+    assert stored == {b[0] for b in first["blobs"] + second["blobs"]}
     # the bytes written are those of the changed objects (two ranks may both write one
     # object that holds equal bytes under two keys, such as two AdamW step counts)
     changed = sum(b[3] for b in second["blobs"] if b[0] in new2)
@@ -601,7 +620,7 @@ def test_a_failing_storage_operation_on_one_rank_fails_every_rank_and_commits_no
                 assert (kind, text) == ("RuntimeError", "injected failure while hashing")
             else:
                 assert kind == "CheckpointWriteError", (point, failed)
-                assert number in (errno.ENOSPC, errno.EIO), (point, failed)
+                assert number == ERRNO.get(point, errno.ENOSPC), (point, failed)
                 assert text.startswith(f"rank {victim} "), (point, text)
             assert failed["steps"] == steps_after[point], (point, failed)
             if point in AFTER_COMMIT:
