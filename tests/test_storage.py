@@ -121,3 +121,10 @@ def test_local_put_leaves_no_temp_file_after_a_failure(tmp_path: Path) -> None:
         storage.put("obj", failing())
     assert storage.get("obj", limit=10) == b"old"
     assert not [p for p in (tmp_path / "run").iterdir() if _commit.TEMP_MARK in p.name]
+
+
+def test_describe_of_the_empty_name_is_the_storage_itself(storage: Storage) -> None:
+    # a RunStore over a Storage names its run by it (StorageWriter(LocalStorage(...)) failed)
+    from torchvault.run._store import RunStore
+
+    assert str(RunStore(storage).root) == storage.describe("")

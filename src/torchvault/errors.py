@@ -82,18 +82,19 @@ class TorchVaultError(Exception):
         return self.message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # the subclasses take keyword-only arguments, which pickle's default (the class
-        # called with ``args``) cannot pass; torch.distributed.checkpoint pickles a failing
-        # rank's exception to send it to the others
-        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+        # pickled as its message plus its attributes: torch.distributed.checkpoint sends a
+        # rank's exception to the others with pickle, and the keyword-only arguments of the
+        # subclasses (path=, errno=, global_name=) cannot be passed again positionally
+        state = dict(vars(self))
+        if isinstance(self, OSError):  # errno, strerror and filename are slots, not in vars
+            state.update(errno=self.errno, strerror=self.strerror, filename=self.filename)
+        return (_rebuild, (type(self), self.args), state)
 
 
-def _rebuild(
-    kind: type[TorchVaultError], args: tuple[object, ...], state: dict[str, object]
-) -> TorchVaultError:
-    error = kind.__new__(kind)
-    error.args = args
-    error.__dict__.update(state)
+def _rebuild(kind: type[TorchVaultError], args: tuple[Any, ...]) -> TorchVaultError:
+    """An unpickled error, before its attributes are set back (``__reduce__``)."""
+    error = kind.__new__(kind, *args)
+    error.args = args  # OSError's __new__ leaves them to an __init__ that is not run here
     return error
 
 

@@ -59,6 +59,7 @@ class StorageReader(_DcpReader):
         self._where: dict[MetadataIndex, int] = {}
         self._values: dict[str, object] | None = None
         self._path = ""
+        self._error: Exception | None = None
 
     @property
     def step(self) -> int | None:
@@ -73,6 +74,21 @@ class StorageReader(_DcpReader):
             )
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        """DCP's ``Metadata``, rebuilt from the checked manifest.
+
+        ``dcp.load`` swallows an exception raised here (it logs it, retries, then raises an
+        ``AssertionError`` that hides it), so inside ``dcp.load`` a failure is kept and
+        raised by :meth:`set_up_storage_reader`, which DCP reports for every rank; the
+        metadata returned meanwhile is empty.
+        """
+        self._error = None
+        try:
+            return self._metadata()
+        except Exception as exc:  # any failure: a bad run, and the OSError of an unreadable one
+            self._error = exc
+            return Metadata(state_dict_metadata={})
+
+    def _metadata(self) -> Metadata:
         store = open_run(self._run)
         step = resolve_step(store, self._ref)
         manifest = store.manifest(step)
@@ -80,7 +96,7 @@ class StorageReader(_DcpReader):
         if not is_sharded(manifest):
             raise UnsupportedFormatError(
                 f"step {step} of {self._run} was saved by one process, not through "
-                "torch.distributed.checkpoint; read it with tv.load(f'{run}@{step}') or "
+                f"torch.distributed.checkpoint; read it with tv.load('{self._run}@{step}') or "
                 "CheckpointManager.restore",
                 path=path,
             )
@@ -92,7 +108,8 @@ class StorageReader(_DcpReader):
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
-        return None
+        if self._error is not None:
+            raise self._error  # read_metadata's, kept from DCP's fallback (see there)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return dataclasses.replace(plan, storage_data=self._step)
@@ -122,6 +139,8 @@ class StorageReader(_DcpReader):
                 if req.type == LoadItemType.TENSOR
             ]
             mapped = store.map_objects(wanted)  # every hash checked before any copy
+            if any(req.type == LoadItemType.BYTE_IO for req in plan.items):
+                self._decoded()  # and every value decoded and checked, likewise
             for req in plan.items:
                 if req.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(req, self._value_bytes(req.storage_index.fqn))
@@ -156,14 +175,18 @@ class StorageReader(_DcpReader):
             )
         return found
 
-    def _value_bytes(self, fqn: str) -> io.BytesIO:
-        """A non-tensor value for ``planner.load_bytes``, which ``torch.load``s it: the
-        pickle is made here from the decoded, checked value, never read from the run."""
+    def _decoded(self) -> dict[str, object]:
+        """Every non-tensor value of the checkpoint, decoded once (objects verified)."""
         if self._values is None:
             assert self._store is not None
             assert self._sharded is not None
             self._values = values(self._store, self._sharded, self._path)
+        return self._values
+
+    def _value_bytes(self, fqn: str) -> io.BytesIO:
+        """A non-tensor value for ``planner.load_bytes``, which ``torch.load``s it: the
+        pickle is made here from the decoded, checked value, never read from the run."""
         buffer = io.BytesIO()
-        torch.save(self._values[fqn], buffer)
+        torch.save(self._decoded()[fqn], buffer)
         buffer.seek(0)
         return buffer

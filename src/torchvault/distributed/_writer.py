@@ -72,9 +72,11 @@ class StorageWriter(_DcpWriter):
             run = _args.path(run, "run", also=" or a torchvault Storage")
         _args.step(step)
         if block_bytes is not None:
-            _args.count(block_bytes, "block_bytes")
+            what = "block_bytes must be an int >= 1, or None to store each rank's chunk whole"
+            if isinstance(block_bytes, bool) or not isinstance(block_bytes, int):
+                raise TypeError(f"{what}; got {type(block_bytes).__name__} {block_bytes!r:.40}")
             if block_bytes < 1:
-                raise ValueError(f"block_bytes must be >= 1 or None, got {block_bytes}")
+                raise ValueError(f"{what}; got {block_bytes}")
         self._store = RunStore(run)
         self._step = step
         self._block_bytes = block_bytes
@@ -152,7 +154,10 @@ class StorageWriter(_DcpWriter):
             group_plan = TensorPlan()
             tree = _tree.encode(values, group_plan.add) if values else None
             value_blobs = group_plan.finish() if values else []
-        stored, written = self._store.put_all(blobs + value_blobs)
+        try:
+            stored, written = self._store.put_all(blobs + value_blobs)
+        except OSError as exc:  # the storage's own, or a CheckpointWriteError naming the file
+            raise self._failed(exc, "could not write its shards") from exc
         results: list[dict[str, Any]] = [{"pieces": []} for _ in items]
         for (owner, offsets), blob in zip(owners, stored, strict=False):
             results[owner]["pieces"].append(
@@ -186,11 +191,39 @@ class StorageWriter(_DcpWriter):
             self.commit(manifest)
             return
         with self._store.storage.lock():
-            self._store.create()
-            next_step(self._step, self._store.steps(), self._store.root)
-            check_objects(self._store, manifest)
-            self._store.commit(self._step, manifest)
-            self._store.set_ref("latest", self._step)
+            try:
+                self._store.create()
+                next_step(self._step, self._store.steps(), self._store.root)
+                check_objects(self._store, manifest)
+                self._store.commit(self._step, manifest)
+            except OSError as exc:
+                if not self._store.committed(self._step):
+                    raise self._failed(exc, "could not commit the manifest") from exc
+                raise self._failed(exc, "committed the manifest", committed=True) from exc
+            try:
+                self._store.set_ref("latest", self._step)
+            except OSError as exc:
+                raise self._failed(
+                    exc, "could not move the latest pointer", committed=True
+                ) from exc
+
+    def _failed(self, exc: OSError, what: str, *, committed: bool = False) -> CheckpointWriteError:
+        """``exc`` as the error every rank's ``dcp.save`` reports: which rank, what it was
+        doing, and whether the step is committed (DCP names the rank only in its traceback)."""
+        path = exc.path if isinstance(exc, CheckpointWriteError) else exc.filename
+        detail = str(exc) if isinstance(exc, CheckpointWriteError) else exc.strerror or str(exc)
+        outcome = (
+            f"Step {self._step} is committed all the same: readers find it (`latest` "
+            "resolves to the highest committed step)."
+            if committed
+            else f"Nothing was committed on any rank; step {self._step} can be saved again."
+        )
+        return CheckpointWriteError(
+            f"rank {self._rank} {what} for step {self._step} of {self._store.root}: "
+            f"{detail.rstrip('.')}. {outcome}",
+            path=str(path) if path is not None else str(self._store.root),
+            errno=exc.errno,
+        )
 
     def manifest(self, metadata: Metadata, results: list[list[WriteResult]]) -> dict[str, Any]:
         """The sharded manifest of a save (see ``run/_sharded.py`` for its fields)."""

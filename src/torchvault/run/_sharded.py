@@ -103,6 +103,8 @@ def parse(manifest: dict[str, Any], path: str) -> Sharded:
     if not isinstance(raw_tensors, dict) or not isinstance(raw_values, list):
         raise _bad(path, "its shards section is malformed")
     tensors = {key: _tensor(path, key, spec, blobs) for key, spec in raw_tensors.items()}
+    if len(raw_values) > world:  # each rank writes at most one group of values
+        raise _bad(path, f"it has {len(raw_values)} value groups but {world} ranks wrote it")
     values = tuple(_group(path, i, spec, blobs) for i, spec in enumerate(raw_values))
     paths = _paths(path, section.get("paths"))
     if paths is not None and set(tensors) - set(paths):

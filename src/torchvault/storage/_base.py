@@ -48,4 +48,4 @@ class Storage(Protocol):
         """Exclusive writer access, taken at once or refused with RunLockedError."""
 
     def describe(self, name: str) -> str:
-        """Where ``name`` lives, for messages (a file path, a URL)."""
+        """Where ``name`` lives, for messages (a file path, a URL); ``""``: the storage itself."""

@@ -105,4 +105,4 @@ class LocalStorage:
             held.release()
 
     def describe(self, name: str) -> str:
-        return str(self._path(name))
+        return str(self._path(name)) if name else str(self.root)
