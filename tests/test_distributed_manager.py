@@ -340,7 +340,7 @@ def hung_peer(rank: int, world: int, run: str) -> tuple[str, float]:
         mgr.save(0, model=model)
     except tv.CollectiveError as exc:
         return (
-            f"{type(exc).__name__}: {'collective_timeout=3' in exc.message}",
+            f"{type(exc).__name__}: {'collective_timeout=2 s' in exc.message}",
             time.monotonic() - start,
         )
     return "saved", 0.0
