@@ -251,6 +251,8 @@ def convert(args: argparse.Namespace) -> int:
                 args.source, args.destination, salvage=args.salvage, item=args.item, **options
             )
         except ValueError as exc:  # RUN@STEP's step, or --item: the command line's to fix
+            if isinstance(exc, tv.TorchVaultError):  # some are ValueErrors: about the file
+                raise
             raise UsageError(str(exc).replace("item=", "--item ")) from None
     if report.unsafe:
         print(f"torchvault: warning: {salvage_warning(report)}", file=sys.stderr)
