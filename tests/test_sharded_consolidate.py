@@ -264,6 +264,29 @@ def test_convert_streams_one_whole_tensor_at_a_time(
     tv.convert(f"{saved}/direct@1", tmp_path / "hf", to="hf")
     assert len(assembled) == 8
     assert_same(read_safetensors(tmp_path / "model.safetensors"), expected(saved)["model"])
+    tv.convert(f"{saved}/managed@4", tmp_path / "all.tv")  # nested, with values: streamed too
+    assert len(assembled) == 8 + 16
+    assert_same(tv.load(tmp_path / "all.tv"), expected(saved))
+
+
+def test_convert_of_a_dcp_folder_to_torchvault_streams(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvault.legacy import _dcp
+
+    assembled: list[weakref.ref[torch.Tensor]] = []
+    real = _dcp._Folder.tensor
+
+    def tracked(self: Any, *args: Any) -> torch.Tensor:
+        assert all(ref() is None for ref in assembled), "an earlier tensor is still held"
+        out = real(self, *args)
+        assembled.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(_dcp._Folder, "tensor", tracked)
+    report = tv.convert(saved / "fs", tmp_path / "all.tv")
+    assert (report.tensors, len(assembled)) == (16, 16)
+    assert_same(tv.load(tmp_path / "all.tv"), expected(saved))
 
 
 # -- the command line ---------------------------------------------------------------------

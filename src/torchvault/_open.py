@@ -96,9 +96,9 @@ def load(
     restore_dtype = _args.flag(restore_dtype, "restore_dtype")
     run = _run_checkpoint(checked_source(path))
     if run is not None:
-        from .run._readers import load_items
+        from .run import _consolidate
 
-        return load_items(run[0], run[1], map_location=map_location)[1]
+        return _consolidate.load(run[0], run[1], map_location=map_location)
     with _source.reading(checked_source(path)) as (where, _):
         return _load(where, placement, lazy, verify, restore_dtype)
 
@@ -121,9 +121,9 @@ def inspect(path: Source) -> CheckpointInfo:
     """
     run = _run_checkpoint(checked_source(path))
     if run is not None:
-        from .run._consolidate import describe
+        from .run import _consolidate
 
-        return describe(*run)
+        return _consolidate.describe(*run)
     with _source.reading(checked_source(path)) as (where, name):
         return dataclasses.replace(_inspect(where), path=name)
 
@@ -151,33 +151,20 @@ def verify(path: Source) -> VerifyReport:
     """
     run = _run_checkpoint(checked_source(path))
     if run is not None:
-        from .run._consolidate import verify as verify_step
+        from .run import _consolidate
 
-        return verify_step(*run)
+        return _consolidate.verify(*run)
     with _source.reading(checked_source(path)) as (where, name):
         return dataclasses.replace(_verify(where), path=name)
 
 
 def _run_checkpoint(path: Source) -> tuple[RunStore, int, str] | None:
-    """The run and committed step ``path`` names, and ``RUN@STEP`` to show for it (``RUN@STEP``, or a run folder: its
-    latest), or None for anything else: a file (even one whose name holds an ``@``), a
-    model folder, bytes, a file object.
-
-    Raises:
-        ValueError: ``RUN@STEP`` of a run folder whose ``STEP`` is not a step.
-        CheckpointNotFoundError, UnsupportedFormatError: no run, or no such step.
-    """
+    """``run._consolidate.checkpoint_of`` for a path (bytes and file objects are contents)."""
     if not _source.is_path(path):
         return None
-    # run/ reads through load_into, which imports this module: import it when it is used
-    from ._sources import open_run, parse_source, resolve_step
+    from .run import _consolidate  # run/ reads through load_into, which imports this module
 
-    run, ref = parse_source(os.fspath(path))  # type: ignore[arg-type]
-    if ref is None:
-        return None
-    store = open_run(run)
-    step = resolve_step(store, ref)
-    return store, step, f"{run}@{step}"
+    return _consolidate.checkpoint_of(os.fspath(path))  # type: ignore[arg-type]
 
 
 def _load(

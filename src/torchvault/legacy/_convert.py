@@ -27,8 +27,8 @@ from .._file import save
 from .._format import Deferred
 from .._report import ConvertReport
 from .._tree import flatten
-from ..errors import UnsupportedTypeError
-from ._foreign import deferred, load_file
+from ..errors import TorchVaultError, UnsupportedTypeError
+from ._foreign import deferred, deferred_tree, load_file
 from ._hf import metadata, write_folder, write_safetensors
 
 if TYPE_CHECKING:
@@ -145,21 +145,33 @@ def convert(
         streamed = deferred(source)
         if streamed is not None:  # a DCP folder: one tensor in memory at a time
             return _write_tensors(streamed, {}, src, dst, target, max_shard_size)
+    if target == "torchvault":
+        tree = deferred_tree(source)
+        if tree is not None:  # a DCP folder, nesting and values kept: streamed too
+            return _save_streamed(tree, src, dst)
     return _convert(load_file(source), src, dst, target, max_shard_size)
+
+
+def _save_streamed(tree: object, src: str, dst: Path) -> ConvertReport:
+    """A torchvault file written from a tree whose tensors are :class:`Deferred`: each is
+    made as it is written and let go, so memory holds one whole tensor at a time."""
+    save(tree, dst)
+    tensors = [v for _, v in flatten(tree) if isinstance(v, Deferred | torch.Tensor)]
+    nbytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors)
+    return ConvertReport(src, str(dst), "torchvault", len(tensors), nbytes, (), (str(dst),))
 
 
 def _run_checkpoint(source: str) -> tuple[RunStore, int] | None:
     """The run and step ``source`` names as ``RUN@STEP`` or a run folder, else None."""
-    from .. import _sources  # run/ imports load_into, whose tv.load imports this package
+    from ..run import _consolidate  # run/ imports load_into, whose tv.load imports us
 
     try:
-        run, ref = _sources.parse_source(source)
+        found = _consolidate.checkpoint_of(source)
     except ValueError as exc:
+        if isinstance(exc, TorchVaultError):
+            raise
         raise ValueError(f"source {exc}") from None
-    if ref is None:
-        return None
-    store = _sources.open_run(run)
-    return store, _sources.resolve_step(store, ref)
+    return None if found is None else found[:2]
 
 
 def _convert_run(
@@ -172,14 +184,18 @@ def _convert_run(
     item: str | None,
 ) -> ConvertReport:
     """Checkpoint ``step`` of a run, or one item of it; a sharded one streamed to a
-    safetensors target."""
-    from ..run import _consolidate, _readers
+    safetensors or torchvault target."""
+    from ..run import _consolidate
 
     if target in ("safetensors", "hf"):
         item, streamed = _consolidate.flat_tensors(store, step, item)
         if streamed is not None:
             return _write_tensors(streamed, {}, src, dst, target, max_shard_size)
-    _, state = _readers.load_items(store, step, item=item, map_location="cpu")
+    if target == "torchvault":
+        tree = _consolidate.deferred_items(store, step, item)
+        if tree is not None:
+            return _save_streamed(tree, src, dst)
+    state = _consolidate.load(store, step, item=item, map_location="cpu")
     return _convert(state, src, dst, target, max_shard_size)
 
 

@@ -22,16 +22,41 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _tree
+from .. import _sources, _tree
 from .._chunks import nest
 from .._format import Deferred
 from .._report import CheckpointInfo, TensorInfo, VerifyReport
-from .._tensors import TensorTable
+from .._tensors import MapLocation, TensorTable
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedTypeError
 from . import _readers, _sharded
 from ._store import RunStore, blobs_of
 
 CLASSIC, SHARDED = "torchvault-run", "torchvault-run-sharded"  # CheckpointInfo.format
+
+
+def checkpoint_of(spec: str) -> tuple[RunStore, int, str] | None:
+    """The run and committed step ``spec`` names, and ``RUN@STEP`` to show for it: ``spec``
+    is ``RUN@STEP`` or a run folder (its latest). None for anything else: a file (even one
+    whose name holds an ``@``), a model or DCP folder.
+
+    Raises:
+        ValueError: ``RUN@STEP`` of a run folder whose ``STEP`` is not a step.
+        CheckpointNotFoundError, UnsupportedFormatError: no run, or no such step in it.
+    """
+    run, ref = _sources.parse_source(spec)
+    if ref is None:
+        return None
+    store = _sources.open_run(run)
+    step = _sources.resolve_step(store, ref)
+    return store, step, f"{run}@{step}"
+
+
+def load(
+    store: RunStore, step: int, *, item: str | None = None, map_location: MapLocation = None
+) -> Any:
+    """What ``tv.load("RUN@STEP")`` returns: the checkpoint's items (or one ``item``), full
+    tensors, every object verified (see ``_readers.load_items``)."""
+    return _readers.load_items(store, step, item=item, map_location=map_location)[1]
 
 
 class Leaf:
@@ -182,18 +207,61 @@ def flat_tensors(
     if not all(leaf.read is not None for leaf in chosen.values()):
         return name, None
     return name, {
-        key: Deferred(leaf.dtype, leaf.shape, functools.partial(_read, store, step, path, leaf))
+        key: Deferred(leaf.dtype, leaf.shape, functools.partial(_read, store, step, path, read))
         for key, leaf in chosen.items()
+        if (read := leaf.read) is not None
     }
 
 
-def _read(store: RunStore, step: int, path: str, leaf: Leaf) -> torch.Tensor:
+def deferred_items(store: RunStore, step: int, item: str | None) -> object | None:
+    """What ``tv.load("RUN@STEP")`` gives (or its ``item``), every global tensor of a sharded
+    checkpoint a :class:`Deferred` assembled only when written (values decoded now); None
+    for a classic checkpoint, whose objects a load maps without copying.
+
+    Raises:
+        CorruptCheckpointError: as a load; CheckpointNotFoundError: no item ``item``.
+    """
+    manifest = store.manifest(step)
+    path = str(store.manifest_path(step))
+    if not _sharded.is_sharded(manifest):
+        return None
+    with _readers.reading(store, step, path):
+        sharded = _sharded.parse(manifest, path)
+        flat: dict[str, object] = {
+            key: Deferred(
+                spec.entry.dtype,
+                spec.entry.shape,
+                functools.partial(
+                    _read, store, step, path, functools.partial(_sharded.tensor, store, key, spec)
+                ),
+            )
+            for key, spec in sharded.tensors.items()
+        }
+        flat.update(_sharded.values(store, sharded, path, "cpu"))
+        state = nest(flat, sharded.paths, path)
+    items: object = state
+    if "items" in manifest:  # a manager's: {"items": ..., "rng": ...}
+        items = state.get(_readers.ITEMS) if isinstance(state, dict) else None
+    if not isinstance(items, dict):
+        raise CorruptCheckpointError(f"{path}: it holds no items.", path=path)
+    if item is None:
+        return items
+    if item not in items:
+        raise CheckpointNotFoundError(
+            f"step {step} of {store.root} has no item {item!r}; its items: "
+            f"{sorted(map(str, items))}.",
+            path=store.root,
+        )
+    chosen: object = items[item]
+    return chosen
+
+
+def _read(store: RunStore, step: int, path: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
     """A streamed tensor, its errors named for the manifest as a load's are (a missing
     object is a damaged run, not a missing file: the converter must not say it could not
     write)."""
-    assert leaf.read is not None
     with _readers.reading(store, step, path):
-        return leaf.read()
+        return read()
 
 
 def _choose(items: dict[str, Any], item: str | None, where: str) -> tuple[str | None, Any]:
