@@ -175,6 +175,19 @@ def test_a_file_whose_name_holds_an_at_is_still_a_file(tmp_path: Path) -> None:
     assert tv.inspect(str(tmp_path / "model@1.tv")).keys == ("w",)
 
 
+def test_a_folder_whose_name_holds_an_at_is_still_that_folder(tmp_path: Path) -> None:
+    # a Hugging Face folder "model@2" is the folder, not step 2 of a run named "model"
+    tv.convert(_file(tmp_path), tmp_path / "model@2", to="hf")
+    assert torch.equal(tv.load(tmp_path / "model@2")["w"], torch.ones(2))
+    assert tv.inspect(f"{tmp_path}/model@2").keys == ("w",)
+    assert main(["inspect", f"{tmp_path}/model@2"]) == 0
+
+
+def _file(folder: Path) -> Path:
+    tv.save({"w": torch.ones(2)}, folder / "w.tv")
+    return folder / "w.tv"
+
+
 # -- tv.inspect, tv.verify, tv.diff -------------------------------------------------------
 
 

@@ -80,7 +80,8 @@ def recorded_bests(store: RunStore) -> set[int]:
 def parse_source(spec: str) -> tuple[str, StepRef | None]:
     """Split an operand into a path and a step reference (``None`` for a file): ``RUN@STEP``
     names a run's checkpoint (``STEP`` a number, ``latest`` or ``best``), a bare run folder
-    ``RUN@latest``; an existing file is a file even if its name has an ``@``.
+    ``RUN@latest``; any other existing file or folder is itself even if its name has an
+    ``@``.
 
     Raises:
         UsageError: ``RUN@STEP`` of an existing folder whose ``STEP`` is not a step (exit 2).
