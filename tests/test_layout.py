@@ -124,7 +124,8 @@ UPWARD = {
     ("_file", "export"),  # save() of a model quantized by tv.quantize
     ("_load_into", "export"),  # load_into() of a quantized model file
     ("legacy", "export"),  # scan() of a torch.export program
-    ("legacy", "run._readers"),  # scan() of a run folder
+    ("legacy", "run._consolidate"),  # scan() of a run folder, convert("RUN@STEP")
+    ("_open", "run._consolidate"),  # tv.load/inspect/verify("RUN@STEP")
     ("run._readers", "distributed"),  # restore() of a sharded checkpoint, through DCP
     ("run._manager", "distributed"),  # a CheckpointManager under torch.distributed
 }

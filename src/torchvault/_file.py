@@ -12,7 +12,7 @@ import datetime
 import gc
 import os
 import platform
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import BinaryIO, TypeVar, cast
 
 import numpy as np
@@ -32,7 +32,7 @@ from ._contents import (
 )
 from ._report import CheckpointInfo, SaveReport, TensorInfo, VerifyReport
 from ._stored import Storing
-from ._tensors import TensorPlan
+from ._tensors import TensorPlan, reading
 from ._version import __version__
 from .errors import TorchVaultError
 
@@ -110,11 +110,12 @@ def save(
         blobs = plan.finish()
         members = _members(tree, plan, len(blobs), metadata) | storing.member()
         header = _format.build_header(blobs, members)
+    written = reading(blobs, plan.deferred) if plan.deferred else blobs
     if not _source.is_path(path):
-        size = _write_stream(cast(BinaryIO, path), header, blobs)
+        size = _write_stream(cast(BinaryIO, path), header, written)
         return SaveReport(_source.display_name(path), size, count, tuple(storing.report))
     with atomic_file(cast(PathLike, path)) as handle:
-        size = _write(handle, header, blobs)
+        size = _write(handle, header, written)
     return SaveReport(os.fspath(cast(PathLike, path)), size, count, tuple(storing.report))
 
 
@@ -134,7 +135,7 @@ def _is_quantized(module: torch.nn.Module, dtype: object, quantize: object) -> b
     return True
 
 
-def _write_stream(target: BinaryIO, header: bytes, blobs: list[_format.Blob]) -> int:
+def _write_stream(target: BinaryIO, header: bytes, blobs: Iterable[_format.Blob]) -> int:
     """:func:`_write` to a caller's file object, which then ends after the checkpoint (as
     ``open(..., "wb")`` would leave it): stale bytes after it would make every load refuse
     it as padded.
@@ -162,7 +163,7 @@ def _write_stream(target: BinaryIO, header: bytes, blobs: list[_format.Blob]) ->
     return size
 
 
-def _write(handle: BinaryIO, header: bytes, blobs: list[_format.Blob]) -> int:
+def _write(handle: BinaryIO, header: bytes, blobs: Iterable[_format.Blob]) -> int:
     """Write the file at ``handle``'s position (the header last, over its placeholder's
     room); leave the position after it and return the bytes written."""
     start = handle.tell()

@@ -64,15 +64,18 @@ def parse_source(spec: str) -> tuple[str, StepRef | None]:
     """Split an operand into a path and a step reference (``None`` for a file or a folder
     that is not a run).
 
-    An existing file is a file even if its name has an ``@``; ``RUN@STEP`` names a run's
-    checkpoint (``STEP`` a number, ``latest`` or ``best``); a bare run folder means
-    ``RUN@latest``; anything else (a Hugging Face folder too) is taken as a file path.
+    A bare run folder means ``RUN@latest``; any other existing file or folder (a Hugging
+    Face or DCP folder) is itself, even if its name has an ``@``; else ``RUN@STEP`` names a
+    run's checkpoint (``STEP`` a number, ``latest`` or ``best``); anything else is taken as
+    a file path.
 
     Raises:
         ValueError: ``RUN@STEP`` of an existing folder whose ``STEP`` is not a step, or
             ``@STEP`` without a run.
     """
-    if os.path.isfile(spec):
+    if os.path.isfile(os.path.join(spec, RUN_FILE)):
+        return spec, "latest"
+    if os.path.exists(spec):
         return spec, None
     if "@" in spec:
         run, _, ref = spec.rpartition("@")
@@ -83,8 +86,6 @@ def parse_source(spec: str) -> tuple[str, StepRef | None]:
         except ValueError as exc:
             if os.path.isdir(run):
                 raise ValueError(f"{spec!r}: {exc}") from None
-    if os.path.isfile(os.path.join(spec, RUN_FILE)):
-        return spec, "latest"
     return spec, None
 
 

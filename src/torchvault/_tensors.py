@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _dtypes, _placement
-from ._format import MAX_TENSORS, META, Blob, Entry, fits_int64
+from ._format import MAX_TENSORS, META, Blob, Deferred, Entry, fits_int64
 from ._placement import MapLocation, Placement
 from .errors import CorruptCheckpointError, UnsupportedTypeError
 
@@ -62,9 +62,10 @@ header's blobs are; writers refuse more too."""
 class _Member:
     index: int
     path: str
-    tensor: torch.Tensor
+    tensor: torch.Tensor  # a meta placeholder for a Deferred one
     start: int = 0  # byte range inside its storage
     end: int = 0
+    deferred: Deferred | None = None
 
 
 @dataclass
@@ -72,23 +73,32 @@ class TensorPlan:
     """Collects the tensors met while encoding a tree (``add`` is the tree's TensorSink)."""
 
     entries: list[dict[str, Any] | int] = field(default_factory=list)
+    deferred: dict[str, Deferred] = field(default_factory=dict)
+    """By blob name, the blobs whose bytes a :class:`Deferred` makes only when written: their
+    ``source`` is a meta placeholder, for :func:`reading` to replace."""
     _members: list[_Member] = field(default_factory=list)
     _memo: dict[int, int] = field(default_factory=dict)
     _keep: list[object] = field(default_factory=list)
 
-    def add(self, value: torch.Tensor | np.ndarray[Any, Any], path: str) -> int:
-        """Register a tensor or array; the same object twice gets the same index."""
+    def add(self, value: torch.Tensor | np.ndarray[Any, Any] | Deferred, path: str) -> int:
+        """Register a tensor or array, or a :class:`Deferred` tensor (stored alone, made
+        when written); the same object twice gets the same index."""
         known = self._memo.get(id(value))
         if known is not None:
             return known
         self._keep.append(value)  # keeps id(value) unique while the plan lives
-        if isinstance(value, np.ndarray):
+        deferred = value if isinstance(value, Deferred) else None
+        if isinstance(value, Deferred):
+            tensor = torch.empty(value.shape, dtype=value.dtype, device="meta")
+            entry = _tensor_entry(torch.empty(0, dtype=value.dtype), path)
+            entry["shape"] = list(value.shape)
+        elif isinstance(value, np.ndarray):
             tensor, entry = _from_numpy(value, path)
         else:
             tensor, entry = value.detach(), _tensor_entry(value, path)
         index = len(self.entries)
         self.entries.append(entry)
-        self._members.append(_Member(index, path, tensor))
+        self._members.append(_Member(index, path, tensor, deferred=deferred))
         self._memo[id(value)] = index
         return index
 
@@ -124,6 +134,8 @@ class TensorPlan:
             tensor = first.tensor
             stored = _dtypes.SAFETENSORS_NAME.get(tensor.dtype)
             nbytes = tensor.numel() * tensor.element_size()
+            if first.deferred is not None:
+                self.deferred[name] = first.deferred
             if stored is None:
                 return align, Blob(name, "U8", (nbytes,), tensor, nbytes), group
             return align, Blob(name, stored, tuple(tensor.shape), tensor, nbytes), group
@@ -143,6 +155,24 @@ class TensorPlan:
                 entry["stride"] = list(member.tensor.stride())
                 entry["offset"] = member.start - lo
         return align, blob, group
+
+
+def reading(blobs: list[Blob], deferred: dict[str, Deferred]) -> Iterator[Blob]:
+    """``blobs`` for ``_format.write_blobs``, each deferred one made as it is asked for (and
+    let go once written), its dtype and shape checked against what the header says."""
+    for blob in blobs:
+        made = deferred.get(blob.name)
+        if made is None:
+            yield blob
+            continue
+        tensor = made.read()
+        if (tensor.dtype, tuple(tensor.shape)) != (made.dtype, tuple(made.shape)):
+            raise CorruptCheckpointError(
+                f"{blob.name}: its source made a {tensor.dtype} {list(tensor.shape)} tensor, "
+                f"not the {made.dtype} {list(made.shape)} it declared"
+            )
+        yield blob._replace(source=tensor)
+        del tensor  # the writer holds it through the blob only while it writes
 
 
 def _tensor_entry(tensor: torch.Tensor, path: str) -> dict[str, Any]:
@@ -192,8 +222,8 @@ def _group_by_storage(members: list[_Member]) -> list[list[_Member]]:
         tensor = member.tensor
         size = tensor.element_size()
         numel = tensor.numel()
-        if numel == 0:
-            groups[("empty", member.index)] = [member]
+        if numel == 0 or member.deferred is not None:  # alone: no storage to share
+            groups[("alone", member.index)] = [member]
             continue
         if not tensor.is_contiguous():
             pairs = zip(tensor.shape, tensor.stride(), strict=True)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from . import _dtypes
+from ._format import Deferred
 from .errors import CorruptCheckpointError, UnsupportedTypeError
 
 Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007
@@ -96,6 +97,8 @@ def encode(obj: object, sink: TensorSink, path: str = "", depth: int = 0) -> Jso
             kind.__name__: [encode(v, sink, join(path, i), depth + 1) for i, v in enumerate(seq)]
         }
     if kind is torch.Tensor or kind is torch.nn.Parameter or kind is np.ndarray:
+        return {"tensor": sink(cast("torch.Tensor", obj), path)}
+    if kind is Deferred:  # made only as it is written (convert streams): TensorPlan takes it
         return {"tensor": sink(cast("torch.Tensor", obj), path)}
     if kind is set or kind is frozenset:
         return {kind.__name__: _encode_members(cast("set[object]", obj), path, depth)}

@@ -13,8 +13,10 @@ Usage::
                          [--keep-every N] [--dry-run] [--json]
     torchvault export RUN [--step latest|best|N] OUT [--item NAME]
     torchvault scan PATH... [--json]       # every global a torch.save file names; runs nothing
-    torchvault convert SRC DST [--to tv|safetensors|hf|torch] [--max-shard-size SIZE] [--json]
+    torchvault convert SRC DST [--to tv|safetensors|hf|torch] [--max-shard-size SIZE]
+                       [--item NAME] [--json]
                                            # DST's suffix chooses: .tv .safetensors .pt, a folder
+                                           # SRC: a file, a folder, or RUN@STEP (streamed)
     torchvault export onnx|program --model MODULE:FACTORY [--checkpoint PATH_OR_RUN]
                       --input-shape 1,3,32,32 [--dynamic-batch] OUT   # exported and checked
     torchvault quantize --model MODULE:FACTORY [--checkpoint PATH_OR_RUN]

@@ -55,7 +55,11 @@ def shard_size(text: str) -> int:
 CONVERT_ARGUMENTS = (
     Argument(
         ("source",),
-        {"metavar": "SRC", "help": "a torch.save, safetensors or torchvault file, or a HF folder"},
+        {
+            "metavar": "SRC",
+            "help": "a torch.save, safetensors or torchvault file, a HF or DCP folder, or a "
+            "run's checkpoint as RUN@STEP (a run folder: its latest)",
+        },
     ),
     Argument(
         ("destination",),
@@ -89,6 +93,15 @@ CONVERT_ARGUMENTS = (
             "action": "store_true",
             "help": "SRC is a whole model saved with torch.save(model): convert the weights "
             "recovered by name, without importing its classes",
+        },
+    ),
+    Argument(
+        ("--item",),
+        {
+            "metavar": "NAME",
+            "default": None,
+            "help": "for a RUN@STEP source: convert only this item (e.g. model); default: "
+            "every item, or for safetensors/hf the one state dict of tensors among them",
         },
     ),
     JSON,
@@ -216,6 +229,10 @@ def convert(args: argparse.Namespace) -> int:
     by name and converted, its classes listed; a file that calls a refused global
     (os.system) is converted without it and a warning naming it is printed. Tied weights are
     stored once and the other names recorded as aliases. Files are replaced atomically.
+    SRC may be one checkpoint of a run, RUN@STEP (STEP: a number, latest or best; a bare run
+    folder means RUN@latest): every item goes to a .tv or torch.save file, and the one state
+    dict of tensors among them (the model's) to safetensors or a HF folder, or --item NAME;
+    a sharded checkpoint is streamed, one whole tensor in memory at a time.
     """
     options: dict[str, Any] = {"to": args.to, "max_shard_size": args.max_shard_size}
     try:
@@ -229,7 +246,14 @@ def convert(args: argparse.Namespace) -> int:
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore", UserWarning)  # the report's unsafe field says it once
-        report = tv.convert(args.source, args.destination, salvage=args.salvage, **options)
+        try:
+            report = tv.convert(
+                args.source, args.destination, salvage=args.salvage, item=args.item, **options
+            )
+        except ValueError as exc:  # RUN@STEP's step, or --item: the command line's to fix
+            if isinstance(exc, tv.TorchVaultError):  # some are ValueErrors: about the file
+                raise
+            raise UsageError(str(exc).replace("item=", "--item ")) from None
     if report.unsafe:
         print(f"torchvault: warning: {salvage_warning(report)}", file=sys.stderr)
     if args.json:

@@ -10,18 +10,13 @@ import argparse
 import contextlib
 import math
 import os
-from typing import Any
 
-import numpy as np
-import torch
-
-from .. import _sources, _tree
-from .._report import CheckpointInfo, CheckpointSummary, TensorInfo, VerifyReport
-from .._tensors import TensorTable
+from .. import _sources
+from .._report import CheckpointInfo, CheckpointSummary, VerifyReport
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
-from ..run import _readers
+from ..run import _consolidate, _readers
 from ..run._readers import StepRef
-from ..run._store import RunStore, blobs_of
+from ..run._store import RunStore
 from ._exit import UsageError
 
 _RETRIES = 5  # listings retried when a concurrent prune deletes a checkpoint under them
@@ -85,7 +80,8 @@ def recorded_bests(store: RunStore) -> set[int]:
 def parse_source(spec: str) -> tuple[str, StepRef | None]:
     """Split an operand into a path and a step reference (``None`` for a file): ``RUN@STEP``
     names a run's checkpoint (``STEP`` a number, ``latest`` or ``best``), a bare run folder
-    ``RUN@latest``; an existing file is a file even if its name has an ``@``.
+    ``RUN@latest``; any other existing file or folder is itself even if its name has an
+    ``@``.
 
     Raises:
         UsageError: ``RUN@STEP`` of an existing folder whose ``STEP`` is not a step (exit 2).
@@ -137,72 +133,19 @@ def tolerance(text: str) -> float:
 # ---------------------------------------------------------------------- verify and inspect
 
 
-class _Ref:
-    """A tensor leaf of a manifest's tree, described without reading its object."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-
 def step_info(store: RunStore, step: int, label: str) -> CheckpointInfo:
     """What checkpoint ``step`` of a run holds, as ``tv.inspect`` describes a file: its
-    items' tensors by dotted key (as ``torchvault export`` would write them), read from the
+    items' tensors by dotted key (global shapes for a sharded checkpoint), read from the
     manifest alone (no object is read)."""
-    manifest, path, blobs, entries = _readers.read_manifest(store, step)
-    table = TensorTable(entries, tuple(b.entry() for b in blobs), _no_data, path)
-    try:
-        state = _tree.decode(manifest.get("tree"), _Ref)
-        items = state[_readers.ITEMS] if isinstance(state, dict) else None
-        if not isinstance(items, dict):
-            raise CorruptCheckpointError("it holds no items")
-        tensors = []
-        for key, leaf in _tree.flatten(items):
-            if isinstance(leaf, _Ref):
-                dtype, shape, _, _ = table.describe(leaf.index)
-                nbytes = dtype.itemsize * math.prod(shape)
-                tensors.append(TensorInfo(key, str(dtype).removeprefix("torch."), shape, nbytes))
-    except CorruptCheckpointError as exc:
-        message = exc.message if exc.message.startswith(path) else f"{path}: {exc.message}"
-        raise CorruptCheckpointError(message, path=path, key=exc.key) from exc
-    metadata, versions = manifest.get("metadata"), manifest.get("versions")
-    created = manifest.get("created")
-    return CheckpointInfo(
-        path=label,
-        format="torchvault-run",
-        format_version=None,
-        tensors=tuple(tensors),
-        file_bytes=sum(blob.nbytes for blob in blobs),
-        metadata=_strings(metadata),
-        versions=_strings(versions),
-        created=created if isinstance(created, str) else None,
-    )
-
-
-def _no_data(entry: Any) -> Any:
-    # describe() validates entries without fetching; a fetch here would be a bug
-    raise CorruptCheckpointError(f"inspect reads no object (asked for {entry!r})")
-
-
-def _strings(value: object) -> dict[str, str]:
-    if not isinstance(value, dict):
-        return {}
-    return {str(k): str(v) for k, v in value.items()}
+    return _consolidate.describe(store, step, label)
 
 
 def verify_step(store: RunStore, step: int, label: str) -> VerifyReport:
     """Check checkpoint ``step`` completely: the manifest's seal, every object against its
-    hash, the tensor table and the tree.
+    hash, its tensor table and tree (or chunk layout, for a sharded checkpoint).
 
     Raises:
         CorruptCheckpointError: naming the manifest or object that is damaged.
         CheckpointNotFoundError: the step was pruned while it was read.
     """
-    manifest, state = _readers.load_tree(store, step, map_location="cpu")
-    path = str(store.manifest_path(step))
-    checked = sum(blob.nbytes for blob in blobs_of(manifest, path))
-    tensors = sum(1 for _, leaf in _tree.flatten(state[_readers.ITEMS]) if _is_array(leaf))
-    return VerifyReport(label, tensors, checked, True)
-
-
-def _is_array(leaf: object) -> bool:
-    return isinstance(leaf, torch.Tensor | np.ndarray)
+    return _consolidate.verify(store, step, label)

@@ -17,7 +17,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -27,9 +27,12 @@ from .._file import save
 from .._format import Deferred
 from .._report import ConvertReport
 from .._tree import flatten
-from ..errors import UnsupportedTypeError
-from ._foreign import deferred, load_file
+from ..errors import TorchVaultError, UnsupportedTypeError
+from ._foreign import deferred, deferred_tree, load_file
 from ._hf import metadata, write_folder, write_safetensors
+
+if TYPE_CHECKING:
+    from ..run._store import RunStore
 
 Target = Literal["tv", "torchvault", "safetensors", "hf", "torch"]
 TARGETS = ("tv", "safetensors", "hf", "torch")
@@ -62,6 +65,7 @@ def convert(
     to: Target | None = None,
     max_shard_size: int | str | None = None,
     salvage: bool = False,
+    item: str | None = None,
 ) -> ConvertReport:
     """Rewrite a checkpoint in another format, reading it without running any code.
 
@@ -71,8 +75,13 @@ def convert(
     suffix) a Hugging Face model folder. ``to`` overrides it.
 
     Args:
-        source: a torch.save file (.pt/.pth/.bin/.ckpt), a safetensors or torchvault file, or
-            a Hugging Face model folder.
+        source: a torch.save file (.pt/.pth/.bin/.ckpt), a safetensors or torchvault file, a
+            Hugging Face model folder, a torch.distributed.checkpoint folder, or one
+            checkpoint of a run: ``"RUN@STEP"`` (``STEP`` a number, ``latest`` or ``best``;
+            a bare run folder is its latest), what ``tv.load`` of it returns. A sharded
+            checkpoint (several ranks) is streamed to a safetensors file or Hugging Face
+            folder: each tensor is assembled from its verified chunks only as it is
+            written, so memory holds the largest tensor, not the model.
         destination: the file or folder to write; files are replaced atomically.
         to: ``"tv"`` (or ``"torchvault"``) keeps any nested state exactly; ``"safetensors"``
             writes one plain safetensors file; ``"hf"`` writes ``model.safetensors`` or
@@ -87,6 +96,11 @@ def convert(
             state dict :func:`load_legacy` recovers from it with ``salvage=True`` (its
             classes and any global it would call are in the report; a file that calls one
             also warns).
+        item: for a ``RUN@STEP`` source, convert only this item of the checkpoint (for
+            ``"model"``: its state dict). Without it, a torchvault or torch.save target
+            gets every item, and a safetensors target the one flat state dict among them
+            (a model's, beside an optimizer's state and other values), or the items
+            themselves when they are one (``dcp.save(model.state_dict())``).
 
     Returns:
         A :class:`ConvertReport` of tensors, bytes, aliases and files written.
@@ -94,17 +108,33 @@ def convert(
     Raises:
         ValueError: an unknown ``to``; a destination whose suffix names no target, without
             ``to``; ``max_shard_size`` for a target that is not a folder.
+            ``item`` for a source that is not ``RUN@STEP``; a ``RUN@STEP`` whose ``STEP``
+            is not a step; ``item=None`` for a safetensors target when several items of
+            the checkpoint are state dicts.
+        TypeError: ``item`` is not a str.
         UnsupportedTypeError: the source holds what the target cannot store (nesting for
             safetensors, a value other than tensors and containers for ``"torch"``).
+        CheckpointNotFoundError: no such run, step or ``item``.
 
     Example:
         >>> tv.convert("pytorch_model.bin", "model-hf", max_shard_size="2GB")  # a folder
         >>> tv.convert("model.tv", "model.pt")  # torch.load(..., weights_only=True) reads it
+        >>> tv.convert("runs/exp1@best", "model-hf", to="hf")  # its model, streamed
     """
     source, destination = _args.path(source, "source"), _args.path(destination, "destination")
     salvage = _args.flag(salvage, "salvage")
+    if item is not None and not isinstance(item, str):
+        raise TypeError(f"`item` must be an item name (a str) or None, got {type(item).__name__}")
     target = resolve_target(destination, to=to, max_shard_size=max_shard_size)
     src, dst = os.fspath(source), Path(destination)
+    run = None if salvage else _run_checkpoint(src)
+    if run is not None:
+        return _convert_run(*run, src, dst, target, max_shard_size, item)
+    if item is not None:
+        raise ValueError(
+            f"item={item!r} applies only to a run's checkpoint (source 'RUN@STEP'), and "
+            f"{src} is not one; drop it"
+        )
     if salvage:
         from . import load_legacy  # the package imports this module
 
@@ -115,7 +145,58 @@ def convert(
         streamed = deferred(source)
         if streamed is not None:  # a DCP folder: one tensor in memory at a time
             return _write_tensors(streamed, {}, src, dst, target, max_shard_size)
+    if target == "torchvault":
+        tree = deferred_tree(source)
+        if tree is not None:  # a DCP folder, nesting and values kept: streamed too
+            return _save_streamed(tree, src, dst)
     return _convert(load_file(source), src, dst, target, max_shard_size)
+
+
+def _save_streamed(tree: object, src: str, dst: Path) -> ConvertReport:
+    """A torchvault file written from a tree whose tensors are :class:`Deferred`: each is
+    made as it is written and let go, so memory holds one whole tensor at a time."""
+    save(tree, dst)
+    tensors = [v for _, v in flatten(tree) if isinstance(v, Deferred | torch.Tensor)]
+    nbytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors)
+    return ConvertReport(src, str(dst), "torchvault", len(tensors), nbytes, (), (str(dst),))
+
+
+def _run_checkpoint(source: str) -> tuple[RunStore, int] | None:
+    """The run and step ``source`` names as ``RUN@STEP`` or a run folder, else None."""
+    from ..run import _consolidate  # run/ imports load_into, whose tv.load imports us
+
+    try:
+        found = _consolidate.checkpoint_of(source)
+    except ValueError as exc:
+        if isinstance(exc, TorchVaultError):
+            raise
+        raise ValueError(f"source {exc}") from None
+    return None if found is None else found[:2]
+
+
+def _convert_run(
+    store: RunStore,
+    step: int,
+    src: str,
+    dst: Path,
+    target: str,
+    max_shard_size: int | str | None,
+    item: str | None,
+) -> ConvertReport:
+    """Checkpoint ``step`` of a run, or one item of it; a sharded one streamed to a
+    safetensors or torchvault target."""
+    from ..run import _consolidate
+
+    if target in ("safetensors", "hf"):
+        item, streamed = _consolidate.flat_tensors(store, step, item)
+        if streamed is not None:
+            return _write_tensors(streamed, {}, src, dst, target, max_shard_size)
+    if target == "torchvault":
+        tree = _consolidate.deferred_items(store, step, item)
+        if tree is not None:
+            return _save_streamed(tree, src, dst)
+    state = _consolidate.load(store, step, item=item, map_location="cpu")
+    return _convert(state, src, dst, target, max_shard_size)
 
 
 def _convert(

@@ -324,6 +324,31 @@ def deferred(folder: str) -> dict[str, Deferred] | None:
     return plan
 
 
+def deferred_tree(folder: str) -> object:
+    """What :func:`load` gives, each tensor a :class:`Deferred` assembled only when it is
+    written (values are read now): a torchvault file is written from it one tensor at a
+    time. Every chunk layout is checked first.
+
+    Raises:
+        CorruptCheckpointError, UnsafeCheckpointError: as :func:`load`.
+    """
+    if not os.path.isfile(os.path.join(folder, METADATA)):
+        return deferred(folder)
+    reader = _Folder(folder)
+    meta = reader.meta
+    where = os.path.join(folder, METADATA)
+    flat: dict[str, object] = {}
+    for key, entry in meta.entries.items():
+        if isinstance(entry, TensorEntry):
+            check_tiling(where, key, entry)
+            flat[key] = Deferred(
+                entry.dtype, entry.shape, functools.partial(reader.tensor, key, entry)
+            )
+        else:
+            flat[key] = reader.value(key, entry)
+    return nest(flat, meta.paths, where)
+
+
 def verify(folder: str) -> VerifyReport:
     """Every item read (every zip CRC checked) and every tensor's chunks tiled."""
     if not os.path.isfile(os.path.join(folder, METADATA)):

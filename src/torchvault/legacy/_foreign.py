@@ -47,6 +47,15 @@ def deferred(path: str | os.PathLike[str]) -> dict[str, Deferred] | None:
     return None
 
 
+def deferred_tree(path: str | os.PathLike[str]) -> object | None:
+    """A DCP folder's whole state with each tensor read only when asked for (see
+    :func:`._dcp.deferred_tree`); None for any other source."""
+    name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)
+    if os.path.isdir(name) and _dcp.is_dcp_folder(name):
+        return _dcp.deferred_tree(name)
+    return None
+
+
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """A full read of a torch.save file (every CRC) or of every shard of a model folder."""
     name = _dcp.folder_of(os.fspath(path)) or os.fspath(path)

@@ -92,8 +92,9 @@ def _scan_folder(folder: str) -> ScanReport:
 
 def _scan_run(folder: str) -> ScanReport:
     """A CheckpointManager run: no pickle anywhere; every committed checkpoint's manifest
-    and objects are read and verified."""
-    from ..run import _readers  # they import load_into, whose tv.load imports this package
+    and objects are read and verified (a sharded checkpoint's objects one at a time, never
+    assembled: a scan of a large run costs no model-sized memory)."""
+    from ..run import _consolidate  # run/ imports load_into, whose tv.load imports us
     from ..run._store import RunStore
 
     anomalies = []
@@ -102,7 +103,7 @@ def _scan_run(folder: str) -> ScanReport:
         store.check()
         steps = store.steps()
         for step in steps:
-            _readers.load_tree(store, step)
+            _consolidate.verify(store, step, f"{folder}@{step}")
     except TorchVaultError as exc:
         anomalies.append(exc.message)
         steps = []

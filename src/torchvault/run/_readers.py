@@ -170,7 +170,7 @@ def load_tree(
     has its state's top-level keys as items."""
     manifest = store.manifest(step)
     path = str(store.manifest_path(step))
-    with _gc_paused(), _reading(store, step, path):
+    with _gc_paused(), reading(store, step, path):
         if is_sharded(manifest):
             state: object = load_state(store, manifest, path, map_location)
             if isinstance(state, dict) and "items" not in manifest:
@@ -205,7 +205,7 @@ def _decode(
 
 
 @contextlib.contextmanager
-def _reading(store: RunStore, step: int, path: str) -> Iterator[None]:
+def reading(store: RunStore, step: int, path: str) -> Iterator[None]:
     """Errors of a read named for the manifest; a missing object is a pruned step (the
     writer deleted it meanwhile) or a damaged run."""
     try:

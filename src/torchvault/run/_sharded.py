@@ -25,7 +25,7 @@ object is read, so a bad manifest is a :class:`CorruptCheckpointError`, never wr
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,18 +193,46 @@ def values(
     store: RunStore, sharded: Sharded, path: str, map_location: MapLocation | Placement = None
 ) -> dict[str, object]:
     """Every non-tensor value of the checkpoint by flat key, its objects verified."""
-    out: dict[str, object] = {}
     placement = check(map_location)
-    for number, group in enumerate(sharded.values):
+
+    def source(group: ValueGroup) -> Callable[[int], object]:
         by_digest = {blob.digest: blob for blob in group.blobs}
         table = TensorTable(
             group.table,
             tuple(b.entry() for b in group.blobs),
-            lambda e, b=by_digest: store.map_objects([b[e.name]])[e.name],  # type: ignore[misc]
+            lambda e: store.map_objects([by_digest[e.name]])[e.name],
             path,
             placement,
         )
-        decoded = _tree.decode(group.tree, table.get)
+        return table.get
+
+    return _decode_values(sharded, path, source)
+
+
+def described_values(
+    sharded: Sharded, path: str, leaf: Callable[[torch.dtype, tuple[int, ...]], object]
+) -> dict[str, object]:
+    """:func:`values` from the manifest alone: each tensor among them is ``leaf(dtype,
+    shape)``, its entry checked and no object read (``inspect``)."""
+
+    def source(group: ValueGroup) -> Callable[[int], object]:
+        table = TensorTable(group.table, tuple(b.entry() for b in group.blobs), no_data, path)
+        return lambda index: leaf(*table.describe(index)[:2])
+
+    return _decode_values(sharded, path, source)
+
+
+def no_data(entry: object) -> torch.Tensor:
+    # describe() validates entries without fetching; a fetch here would be a bug
+    raise CorruptCheckpointError(f"a description reads no object (asked for {entry!r:.80})")
+
+
+def _decode_values(
+    sharded: Sharded, path: str, source: Callable[[ValueGroup], Callable[[int], object]]
+) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for number, group in enumerate(sharded.values):
+        decoded = _tree.decode(group.tree, source(group))
         if not isinstance(decoded, dict) or not all(isinstance(k, str) for k in decoded):
             raise _bad(path, f"value group {number} is not a map of flat keys")
         for key, value in decoded.items():
