@@ -16,6 +16,7 @@ PUBLIC = [
     "CheckpointNotFoundError",
     "CheckpointSummary",
     "CheckpointWriteError",
+    "CollectiveError",
     "ConvertReport",
     "CorruptCheckpointError",
     "DiffChange",
