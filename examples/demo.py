@@ -172,7 +172,9 @@ def distributed_demo() -> None:
         return job.returncode
 
     run = str(OUT / "run-fsdp")
+    print("  an uninterrupted run, for reference:")
     torchrun(2, str(OUT / "run-fsdp-reference"), "--out", str(OUT / "fsdp-reference.tv"))
+    print("  the same run, one rank killed:")
     code = torchrun(2, run, "--kill-rank", "1", "--kill-at", "17", check=False)
     print(f"  rank 1 killed with SIGKILL at step 17; torchrun stopped the job (exit code {code})")
     torchrun(1, run, "--check-only")
@@ -180,7 +182,9 @@ def distributed_demo() -> None:
     same = bit_identical(tv.load(OUT / "fsdp-reference.tv"), tv.load(OUT / "fsdp-resumed.tv"))
     print(f"  final weights and optimizer state bit-identical to an uninterrupted run: {same}")
     converted = tv.convert(f"{run}@latest", OUT / "fsdp-hf", to="hf")
-    print(f"  the sharded checkpoint as a Hugging Face folder: {[Path(f).name for f in converted.files]}")
+    print(
+        f"  the sharded checkpoint as a Hugging Face folder: {[Path(f).name for f in converted.files]}"
+    )
     cli(["ls", run])
 
 
