@@ -963,3 +963,25 @@ def test_every_error_survives_the_pickle_dcp_sends_between_ranks(error: Exceptio
     assert vars(copy) == vars(error)
     if isinstance(error, OSError):
         assert (copy.errno, copy.filename) == (error.errno, error.filename)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("shape", "itemsize", "block", "rows"),
+    [
+        ((2048, 2048), 4, 4 << 20, 512),  # exactly 4 MiB of rows
+        ((3000, 1000), 4, 4 << 20, 1024),  # 1048 rows fit: rounded down to a power of two
+        ((10, 1 << 22), 4, 4 << 20, 1),  # one row is larger than a block: one row
+        ((7,), 2, 4 << 20, 1 << 21),  # a vector: at most 4 MiB of elements
+        ((0, 5), 4, 64, 2),  # 20-byte rows: 3 fit, 2 is the power of two
+    ],
+)
+def test_blocks_are_a_power_of_two_of_rows(
+    shape: tuple[int, ...], itemsize: int, block: int, rows: int
+) -> None:
+    from torchvault.distributed._layout import block_rows, pieces
+
+    assert block_rows(shape, itemsize, block) == rows
+    assert block_rows(shape, itemsize, None) is None
+    # a shard of 1024 rows starting at row 1536 is cut at the global multiples of 512
+    assert pieces([1536, 0], [1024, 2048], 512) == [(0, 512), (512, 512)]
+    assert pieces([1500, 0], [100, 2048], 512) == [(0, 36), (36, 64)]

@@ -4,7 +4,10 @@ Objects are cut at **fixed global block boundaries** along dim 0 (``block_rows``
 boundaries of the sharding: a chunk that rank r owns is stored as the pieces it has in common
 with the global blocks ``[k*B, (k+1)*B)``. The blocks of a tensor do not depend on the world
 size, so a run resumed on another number of ranks writes the same objects for unchanged rows
-and dedup survives resharding (benchmarks/RESULTS-distributed.md measures both layouts).
+and dedup survives resharding, as long as the shards hold whole blocks (benchmarks/
+RESULTS-distributed.md measures the layouts: with 16 MiB blocks and 4-8 MiB shards nothing
+survived a 4 -> 2 resume, with 4 MiB blocks everything did). Smaller blocks cost more objects
+(files), hence 4 MiB.
 Each piece is a box of the global tensor, so readers need no notion of blocks: the manifest's
 chunks are the pieces, and DCP's load planner intersects them like any chunks.
 """
@@ -28,15 +31,24 @@ from torch.distributed.checkpoint.metadata import (
 from .._dtypes import SAFETENSORS_NAME
 from ..run._sharded import Sharded
 
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20
 
 
 def block_rows(shape: Sequence[int], itemsize: int, block_bytes: int | None) -> int | None:
-    """Rows of dim 0 per block of a tensor of global ``shape``; None: do not cut."""
+    """Rows of dim 0 per block of a tensor of global ``shape``: the largest power of two
+    whose rows hold at most ``block_bytes`` (at least one row); None: do not cut.
+
+    A power of two, because sharding cuts at multiples of ``ceil(rows / world_size)``: with
+    power-of-two shapes and world sizes, every shard boundary is then a block boundary,
+    whatever the world size, as long as a shard holds at least a block. A shard smaller
+    than a block is one object, as with ``block_bytes=None``."""
     if block_bytes is None or not shape:
         return None
     row = math.prod(shape[1:]) * itemsize
-    return max(1, block_bytes // row) if row else None
+    if not row:
+        return None
+    rows = max(1, block_bytes // row)
+    return 1 << (rows.bit_length() - 1)
 
 
 def pieces(offsets: Sequence[int], sizes: Sequence[int], rows: int | None) -> list[tuple[int, int]]:

@@ -47,9 +47,10 @@ class StorageWriter(_DcpWriter):
     Args:
         run: the run folder (created when missing).
         step: the checkpoint's step: above the run's latest (0 to 10**12 - 1).
-        block_bytes: tensors are stored in blocks of about this many bytes, cut at fixed
-            rows of the global tensor, so that unchanged blocks are shared across steps
-            even when the world size changes; ``None`` stores each rank's chunk whole.
+        block_bytes: tensors are stored in blocks of at most this many bytes (4 MiB), cut
+            at fixed rows of the global tensor (a power of two of them), so that unchanged
+            blocks are shared across steps even when the world size changes; ``None``
+            stores each rank's chunk whole (objects then follow the sharding).
 
     Raises:
         TypeError, ValueError: a bad argument (naming it); in ``dcp.save``, a step at or
