@@ -9,16 +9,16 @@ load each way, then runs ``--runs`` rounds, each measuring, in an order that rot
 round to round:
 
 - xxh3-128 of every rank's bytes (the checksum alone);
-- first saves to the disk into a fresh folder / run: DCP's FileSystemWriter, torchvault's
-  StorageWriter (default fixed global blocks), and the raw anchor (each rank writes its bytes
-  to one file and fsyncs it);
+- saves to the disk: DCP's FileSystemWriter and torchvault's StorageWriter (default fixed
+  global blocks) into a fresh folder / run, the raw anchor (each rank writes its bytes to one
+  file and fsyncs it), and torchvault's second save: each round starts with a step in which
+  only the last tenth of the layers train (the other 90% of the bytes, parameters and
+  optimizer state, stay unchanged), and that state goes as step 2 into the previous round's
+  run; its time and the new bytes its manifest counts;
 - the same on tmpfs (``/dev/shm``: what the software costs when no disk is in the way), plus
   torchvault with ``block_bytes=None`` (objects follow the sharding) and ``--alt-block-mib``;
 - loads of the disk checkpoints into the zeroed state, DCP's reader against torchvault's
-  (each checked bit-exact, untimed);
-- a second save: only the last tenth of the layers train one step (the other 90% of the
-  bytes, parameters and optimizer state, stay unchanged), then step 2 of the same run; its
-  time and the new bytes its manifest counts.
+  (each checked bit-exact, untimed).
 
 A time is barrier, call, maximum over ranks; each save also reports its phases (DCP's
 planning, ``write_data``, the coordinator's ``finish``). After the 4-rank rounds the state
@@ -79,6 +79,7 @@ class Config:
     warmup: int
     alt_block: int
     prefault: float
+    settle: float
     base: str  # on the disk: every timed save, and the results
     shm: str | None  # on tmpfs: the software's cost with no disk in the way
     keep: str  # the 4-rank checkpoints the 2-rank spawn and the consolidation read
@@ -146,6 +147,7 @@ class Ranks:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.steps = 0
         self.phases: dict[str, float] = {}
+        self.previous = self.dir  # the run the next second save goes into (set by warm)
         self.train(cfg.layers)  # every parameter gets its optimizer state
 
     # -- state
@@ -287,6 +289,7 @@ class Ranks:
             if self.rank == 0:
                 log(f"world {self.world} round {number}: " + ", ".join(
                     f"{k} {v:.2f}" for k, v in figures.items() if ":" not in k))  # fmt: skip
+        self.clear(self.dir)
         local_bytes = sum(local(t).nbytes for _, t in tensors(self.state()))
         out: dict[str, Any] = {
             "samples": samples,
@@ -300,6 +303,10 @@ class Ranks:
         return out
 
     def round(self, number: int) -> tuple[dict[str, float], dict[str, int]]:
+        # Only the last tenth of the layers train: since the previous round's saves, 90% of
+        # the bytes are unchanged. The second save goes into the previous round's run, in
+        # the same rotation as the first saves (a write's speed here depends on its place).
+        self.train(self.cfg.trained)
         where = self.dir / f"round-{number}"
         dcp_dir, run = where / "dcp", where / "tv"
         state = self.state()
@@ -309,8 +316,10 @@ class Ranks:
             "dcp_save": lambda: self.dcp_save(state, dcp_dir),
             "tv_save": lambda: self.tv_save(state, run, 1, BLOCK_DEFAULT),
             "raw_save": lambda: self.raw_save(state, where / "raw"),
+            "tv_save2": lambda: self.tv_save(state, self.previous, 2, BLOCK_DEFAULT),
         }
-        self.measure(figures, rotated(disk, number))
+        self.measure(figures, rotated(disk, number), settle=True)
+        counted = self.new_bytes(self.previous, 2)
         if self.cfg.shm is not None:
             shm = Path(self.cfg.shm) / "round"
             memory: Ops = {
@@ -327,19 +336,25 @@ class Ranks:
             "tv_load": lambda: self.load(state, StorageReader(run, step=1), expected, "tv"),
         }
         figures.update({key: fn() for key, fn in rotated(loads, number)})
-        self.train(self.cfg.trained)  # 90% of the bytes stay as they were
-        self.measure(
-            figures, [("tv_save2", lambda: self.tv_save(self.state(), run, 2, BLOCK_DEFAULT))]
-        )
-        counted = self.new_bytes(run, 2)
-        self.clear(where)
+        self.clear(dcp_dir, where / "raw", self.previous)
+        self.previous = run
         return figures, counted
 
     def measure(
-        self, figures: dict[str, float], ops: list[tuple[str, Callable[[], float]]]
+        self,
+        figures: dict[str, float],
+        ops: list[tuple[str, Callable[[], float]]],
+        settle: bool = False,
     ) -> None:
-        """Run each timed op; a save's phases go in as ``key:phase``."""
+        """Run each timed op; a save's phases go in as ``key:phase``. With ``settle``, and
+        ``--settle S``, the disk is flushed and left alone S seconds before each op."""
+        import torch.distributed as dist
+
         for key, fn in ops:
+            if settle and self.cfg.settle > 0:
+                dist.barrier()
+                os.sync()
+                time.sleep(self.cfg.settle)
             self.phases = {}
             figures[key] = fn()
             figures.update({f"{key}:{phase}": v for phase, v in self.phases.items()})
@@ -353,6 +368,8 @@ class Ranks:
         self.load(state, FileSystemReader(where / "dcp"), None, "warm")
         self.load(state, StorageReader(where / "tv", step=1), None, "warm")
         self.clear(where)
+        self.previous = self.dir / "warm-run"  # what round 0's second save follows
+        self.tv_save(state, self.previous, 1, BLOCK_DEFAULT)
 
     def keep(self) -> None:
         """Save the current state (untimed) in each layout, for the 2-rank spawn."""
@@ -787,6 +804,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--consolidate-runs", type=int, help="(2; --quick 1)")
     parser.add_argument("--prefault", type=float, default=1.0,
                         help="x each rank's share of the state touched before each timing")  # fmt: skip
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="os.sync() and pause this long before each disk save")  # fmt: skip
     parser.add_argument("--worlds", default="4,2", help="rank counts (4 first: 2 reshards it)")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS-distributed.md",
                         help="markdown report to (over)write; '-' for none")  # fmt: skip
@@ -810,6 +829,7 @@ def config(args: argparse.Namespace) -> Config:
         warmup=args.warmup or 0,
         alt_block=int(pick(args.alt_block_mib, 4, 1) * MIB),
         prefault=args.prefault,
+        settle=args.settle,
         base=str(BASE),
         shm=None if args.no_shm else str(SHM),
         keep=str((BASE if args.no_shm else SHM) / "keep"),
