@@ -796,16 +796,8 @@ def test_an_inconsistent_manifest_is_a_corrupt_checkpoint_for_dcp_load_and_conso
 ) -> None:
     bad = tmp_path / "bad"
     tamper(plain_run[0], bad, BAD_MANIFESTS[name])
-    player = _Rank(0, 1)
-    player.build("plain", seed=1)
-    state = player.state()
-    before = tensors_of(state)
-    with pytest.raises(CheckpointException) as caught:
-        dcp.load(state, storage_reader=StorageReader(bad, step=1))
-    inner = caught.value.failures[0][0]
-    assert isinstance(inner, CorruptCheckpointError), caught.value
+    inner = refused_load(bad)
     assert inner.path == str(bad / "checkpoints" / "step-000000000001.json")
-    assert differences(tensors_of(state), before) == []  # nothing was copied into the targets
     with pytest.raises(CorruptCheckpointError):
         load_tree(RunStore(bad), 1)
 
@@ -821,6 +813,11 @@ def test_a_damaged_object_fails_the_load_before_anything_is_copied(
     data = bytearray(victim.read_bytes())
     data[0] ^= 1
     victim.write_bytes(bytes(data))
+    assert refused_load(bad).path == str(victim)
+
+
+def refused_load(bad: Path) -> CorruptCheckpointError:
+    """The error ``dcp.load`` of ``bad`` raises on its one rank; nothing reached the targets."""
     player = _Rank(0, 1)
     player.build("plain", seed=1)
     state = player.state()
@@ -829,8 +826,8 @@ def test_a_damaged_object_fails_the_load_before_anything_is_copied(
         dcp.load(state, storage_reader=StorageReader(bad, step=1))
     inner = caught.value.failures[0][0]
     assert isinstance(inner, CorruptCheckpointError), caught.value
-    assert inner.path == str(victim)
-    assert differences(tensors_of(state), before) == []
+    assert differences(tensors_of(state), before) == []  # nothing was copied into the targets
+    return inner
 
 
 def _dcp_load_error(run: Path | str, step: object = "latest") -> BaseException:

@@ -13,7 +13,7 @@ import contextlib
 import datetime
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -146,30 +146,21 @@ class Group:
             )
         return first["ok"]  # type: ignore[no-any-return]
 
-    def _failing(self, what: str) -> Any:
-        return _Translate(self, what)
-
-
-class _Translate:
-    """A failed collective (peer died: connection reset; peer hangs: timeout) as a
-    :class:`CollectiveError` that says which and what to do."""
-
-    def __init__(self, group: Group, what: str) -> None:
-        self.group = group
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None or isinstance(exc, TorchVaultError) or not isinstance(exc, RuntimeError):
-            return
-        raise CollectiveError(
-            f"{self.what}: a collective with the other {self.group.world - 1} rank(s) failed "
-            f"on rank {self.group.rank} ({_first_line(exc)}). A peer rank died or did not "
-            f"answer within collective_timeout={self.group.timeout:g} s; restart every rank "
-            "(committed checkpoints are intact)."
-        ) from exc
+    @contextlib.contextmanager
+    def _failing(self, what: str) -> Iterator[None]:
+        """A failed collective (a peer died: connection reset; a peer hangs: timeout) as a
+        :class:`CollectiveError` that says which and what to do."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if isinstance(exc, TorchVaultError):
+                raise
+            raise CollectiveError(
+                f"{what}: a collective with the other {self.world - 1} rank(s) failed on rank "
+                f"{self.rank} ({_first_line(exc)}). A peer rank died or did not answer within "
+                f"collective_timeout={self.timeout:g} s; restart every rank (committed "
+                "checkpoints are intact)."
+            ) from exc
 
 
 def rebuild(result: dict[str, Any], rank: int, world: int) -> BaseException:
@@ -180,10 +171,8 @@ def rebuild(result: dict[str, Any], rank: int, world: int) -> BaseException:
         message = f"rank {rank}: {message}"
     if kind is RestoreMismatchError:
         return RestoreMismatchError(message, missing=(), unexpected=(), path="")
-    if issubclass(kind, CollectiveError):
+    if kind is CollectiveError:
         return CollectiveError(message, ranks=(rank,))
-    if issubclass(kind, TorchVaultError):
-        return kind(message)
     return kind(message)
 
 
