@@ -806,7 +806,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--width", type=int, help="Linear width (2048: 1 GiB; --quick 1024)")
-    parser.add_argument("--alt-block-mib", type=float, help="third layout (4; --quick 1)")
+    parser.add_argument("--alt-block-mib", type=float, help="third layout (16; --quick 1)")
     parser.add_argument("--consolidate-runs", type=int, help="(2; --quick 1)")
     parser.add_argument("--prefault", type=float, default=1.0,
                         help="x each rank's share of the state touched before each timing")  # fmt: skip
@@ -833,7 +833,7 @@ def config(args: argparse.Namespace) -> Config:
         trained=max(1, args.layers // 10),
         runs=pick(args.runs, 6, 2),
         warmup=args.warmup or 0,
-        alt_block=int(pick(args.alt_block_mib, 4, 1) * MIB),
+        alt_block=int(pick(args.alt_block_mib, 16, 1) * MIB),
         prefault=args.prefault,
         settle=args.settle,
         base=str(BASE),
