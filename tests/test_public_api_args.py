@@ -264,6 +264,10 @@ TABLE: dict[str, Spec | str] = {
             "mode": JUNK,
             "policy": st.one_of(st.integers(), st.builds(Opaque), st.text(max_size=3)),
             "async_save": FLAGS,
+            "collective_timeout": st.one_of(
+                st.sampled_from([0, -1.5, float("nan"), float("inf"), True, "10"]),
+                st.builds(Opaque),
+            ),
         },
         "monitor: any name",
     ),

@@ -107,6 +107,7 @@ def owner(
 def restore(
     store: RunStore,
     step: int,
+    manifest: dict[str, Any],
     *,
     items: Mapping[str, Any],
     strict: bool,
@@ -115,7 +116,6 @@ def restore(
 ) -> ResumeReport:
     """Restore a sharded checkpoint into ``items`` (collective when ``group`` is given;
     in one process without torch.distributed otherwise)."""
-    manifest = store.manifest(step)
     path = str(store.manifest_path(step))
     sharded = parse(manifest, path)
     saved_world = sharded.world_size
@@ -148,7 +148,7 @@ def restore(
     under: list[tuple[str | int, ...]] = [(ITEMS, n) for n in rest_names]
     if same_world:
         under.append((RANKS, rank_key(rank)))
-    rest = load_state(store, manifest, path, map_location, under=under)
+    rest = load_state(store, manifest, path, map_location, under=under, sharded=sharded)
     assert isinstance(rest, dict)
     saved_items = rest.get(ITEMS, {})
     for name, target in items.items():  # every target checked before any is changed

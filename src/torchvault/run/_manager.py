@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime
 import os
-import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -59,7 +58,6 @@ from ._readers import (
     restore,
     summarize,
 )
-from ._sharded import is_sharded
 
 if TYPE_CHECKING:
     from ..distributed._collective import Group
@@ -579,7 +577,6 @@ class CheckpointManager:
         self, step: StepRef, strict: bool, map_location: MapLocation, items: dict[str, Any]
     ) -> ResumeReport | None:
         """Every rank restores the step rank 0 resolved; an error on any rank is raised on all."""
-        from ..distributed._manager import restore as restore_sharded
         from ..distributed._manager import whole_loader
 
         group = self._group
@@ -589,24 +586,10 @@ class CheckpointManager:
             return None
 
         def load() -> ResumeReport | None:
-            if is_sharded(self._store.manifest(chosen)):
-                return restore_sharded(
-                    self._store, chosen, items=items, strict=strict,
-                    map_location=map_location, group=group,
-                )  # fmt: skip
-            report = restore(  # saved by one process: every rank reads it whole
+            return restore(
                 self._store, chosen, strict=strict, map_location=map_location, items=items,
-                load=whole_loader(items), rng=group.world == 1,
+                load=whole_loader(items), group=group,
             )  # fmt: skip
-            if report is None or group.world == 1:
-                return report
-            warnings.warn(
-                f"step {chosen} of {self._store.root} was saved by one process and is restored "
-                f"on {group.world} ranks: the random generators were not restored (every rank "
-                "would draw the same numbers)",
-                stacklevel=4,
-            )
-            return dataclasses.replace(report, resharded_from=1)
 
         reports: list[ResumeReport | None] = []
         group.agree(lambda: reports.append(load()), "restore", everywhere=True)

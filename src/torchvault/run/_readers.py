@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -163,12 +164,15 @@ def read_manifest(
 
 
 def load_tree(
-    store: RunStore, step: int, map_location: MapLocation = None
+    store: RunStore,
+    step: int,
+    map_location: MapLocation = None,
+    manifest: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The manifest of ``step`` and its decoded state, every object verified. A sharded
-    checkpoint comes back whole; one written by ``dcp.save`` directly (not by a manager)
-    has its state's top-level keys as items."""
-    manifest = store.manifest(step)
+    """The manifest of ``step`` (read here unless given) and its decoded state, every object
+    verified. A sharded checkpoint comes back whole; one written by ``dcp.save`` directly
+    (not by a manager) has its state's top-level keys as items."""
+    manifest = store.manifest(step) if manifest is None else manifest
     path = str(store.manifest_path(step))
     with _gc_paused(), reading(store, step, path):
         if is_sharded(manifest):
@@ -234,22 +238,35 @@ def restore(
     map_location: MapLocation,
     items: Mapping[str, Any],
     load: Callable[[str, Any, Any], bool] | None = None,
-    rng: bool = True,
+    group: Any = None,
 ) -> ResumeReport | None:
     """``CheckpointManager.restore`` without a manager (no lock needed: reads only).
 
-    ``load(name, target, saved)`` may take over loading a stateful item (True when it did);
-    with ``rng=False`` the global random generators are left as they are."""
+    A sharded checkpoint is restored through DCP (collectively over ``group``, the
+    manager's ``distributed._collective.Group``, when given). For one saved by a single
+    process, ``load(name, target, saved)`` may take over loading a stateful item (True when
+    it did); restored on several ranks, its one random state is given to none of them (each
+    would draw the same numbers) and the report says it was resharded from 1."""
     chosen = resolve(store, step)
     if chosen is None:
         return None
-    if is_sharded(store.manifest(chosen)):  # saved on several ranks: restored through DCP
+    manifest = store.manifest(chosen)
+    if is_sharded(manifest):  # saved on several ranks: restored through DCP
         from ..distributed._manager import restore as restore_sharded
 
         return restore_sharded(
-            store, chosen, items=items, strict=strict, map_location=map_location, group=None
+            store, chosen, manifest, items=items, strict=strict, map_location=map_location,
+            group=group,
+        )  # fmt: skip
+    manifest, state = load_tree(store, chosen, map_location, manifest)
+    ranks = 1 if group is None else group.world
+    if ranks > 1:
+        warnings.warn(
+            f"step {chosen} of {store.root} was saved by one process and is restored on "
+            f"{ranks} ranks: the random generators were not restored (every rank would draw "
+            "the same numbers)",
+            stacklevel=5,
         )
-    manifest, state = load_tree(store, chosen, map_location)
     path = str(store.manifest_path(chosen))
     saved, kinds = state[ITEMS], manifest.get("items", {})
     stateful = {name for name in saved if kinds.get(name) in (STATE, GENERATOR)}
@@ -282,12 +299,13 @@ def restore(
         values={name: value for name, value in saved.items() if name not in stateful},
         missing=missing,
         unexpected=unexpected,
-        rng=_rng.restore(state.get(RNG, {}), path) if rng else (),
+        rng=_rng.restore(state.get(RNG, {}), path) if ranks == 1 else (),
         metrics=metrics_of(manifest, path),
         metadata=dict(manifest.get("metadata", {})),
         load_reports=reports,
         created=manifest.get("created"),
         versions=dict(manifest.get("versions", {})),
+        resharded_from=None if ranks == 1 else 1,
     )
 
 

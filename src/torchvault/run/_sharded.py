@@ -262,11 +262,13 @@ def load_state(
     map_location: MapLocation = None,
     *,
     under: Sequence[tuple[PathPart, ...]] | None = None,
+    sharded: Sharded | None = None,
 ) -> object:
     """The whole, unsharded state of a sharded checkpoint: every tensor assembled from its
     verified objects (one at a time), values decoded, keys nested as they were saved. With
-    ``under``, only the keys whose nested path starts with one of these prefixes."""
-    sharded = parse(manifest, path)
+    ``under``, only the keys whose nested path starts with one of these prefixes;
+    ``sharded``: the manifest already parsed."""
+    sharded = parse(manifest, path) if sharded is None else sharded
     placement = check(map_location)
 
     def wanted(key: str) -> bool:
